@@ -1,0 +1,133 @@
+"""The one registry of every kernel in the course.
+
+Tests, benchmarks, the GPU check and the book all iterate `REGISTRY`; adding a kernel is
+one `Kernel(...)` entry below plus its `kernels/NN_name.cu`. Each entry is callable with
+the reference's signature:
+
+    out = get("01_naive")(q, k, v, causal=False, scale=None)          # prefill
+    out = get("20_decode")(q, k_cache, v_cache, cache_seqlens=lens)   # decode
+
+q is (B, H, Sq, D); k, v are (B, 1, Skv, D) or (B, Skv, D); the output is (B, H, Sq, D).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import validate
+
+FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str                       # numbered, course order: "01_naive"
+    title: str                      # one line for tables
+    kind: str                       # "prefill" or "decode"
+    source: str                     # file in kernels/
+    chapter: str                    # notebook that teaches it
+    dtypes: tuple = (FP32,)
+    head_dims: tuple = (64, 128)
+    causal: bool = True             # supports causal=True
+    max_sq: int | None = None       # decode kernels: the most query rows per sequence
+    uses_cublas: bool = False
+    workspace: Callable | None = None   # (B, H, Sq, Skv, D, dtype, num_splits) -> bytes
+    returns_lse: bool = False       # fills the (B, H, Sq) float32 log-sum-exp
+    prototype: str | None = None    # "module:function" of its numba.cuda prototype
+    suites: tuple = ()              # benchmark suites it appears in
+    extra: dict = field(default_factory=dict)
+
+    # -- calling -----------------------------------------------------------------
+    def supports(self, dtype, D, causal, Sq=None) -> str | None:
+        """None if supported, else the reason."""
+        if dtype not in self.dtypes:
+            return f"dtype {str(dtype).replace('torch.', '')} (supports {', '.join(str(d).replace('torch.', '') for d in self.dtypes)})"
+        if D not in self.head_dims:
+            return f"head dim {D} (supports {', '.join(map(str, self.head_dims))})"
+        if causal and not self.causal:
+            return "causal=True"
+        if self.max_sq is not None and Sq is not None and Sq > self.max_sq:
+            return f"Sq={Sq} query rows (a decode kernel takes at most {self.max_sq})"
+        return None
+
+    def __call__(self, q, k, v, causal=False, scale=None, cache_seqlens=None, num_splits=0, return_lse=False):
+        B, H, Sq, Skv, D, _ = validate.check_qkv(q, k, v, kv_heads=1)
+        validate.check_tensor("q", q, dtypes=self.dtypes, device="cuda")
+        validate.check_scale(scale)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        why = self.supports(q.dtype, D, causal, Sq)
+        if why is not None:
+            raise ValueError(f"kernel {self.name} does not support {why}")
+        validate.check_index_range(B, H, Sq, Skv, D)
+        if cache_seqlens is not None:
+            validate.check_seqlens(cache_seqlens, B, Skv, q.device)
+            if self.kind != "decode":
+                raise ValueError(f"cache_seqlens is only taken by decode kernels; {self.name} is a {self.kind} kernel")
+        if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+            raise ValueError(f"num_splits must be an int >= 0 (0 = choose), got {num_splits!r}")
+        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        o = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+        if o.numel() == 0:
+            return (o, lse.fill_(float("-inf"))) if return_lse else o
+        # Oddly strided inputs are made contiguous (documented): kernels assume dense rows.
+        q = q.contiguous()
+        k = k.reshape(B, Skv, D).contiguous()
+        v = v.reshape(B, Skv, D).contiguous()
+        ws_bytes = self.workspace(B, H, Sq, Skv, D, q.dtype, num_splits) if self.workspace else 0
+        ws = torch.empty(ws_bytes, dtype=torch.uint8, device=q.device)
+        none_i = torch.empty(0, dtype=torch.int32, device=q.device)
+        if Skv == 0:  # nothing to attend to: the documented fully-masked result
+            o.zero_()
+            lse.fill_(float("-inf"))
+            return (o, lse) if return_lse else o
+        from .build import load
+        mod = load(self.name, self.source, self.uses_cublas)
+        mod.run(q, k, v, o, lse if self.returns_lse or return_lse else torch.empty(0, device=q.device),
+                cache_seqlens if cache_seqlens is not None else none_i, ws, scale, causal, int(num_splits))
+        if return_lse:
+            if not self.returns_lse:
+                raise ValueError(f"kernel {self.name} does not compute the log-sum-exp")
+            return o, lse
+        return o
+
+    def prototype_fn(self):
+        if self.prototype is None:
+            return None
+        mod, fn = self.prototype.split(":")
+        return getattr(importlib.import_module(mod), fn)
+
+
+def _scores_bytes(B, H, Sq, Skv, D, dtype, num_splits):
+    return B * H * Sq * Skv * 4
+
+
+REGISTRY: list[Kernel] = [
+    # --- fp32 chapters: naive -> shared memory -> warp primitives -> cuBLAS -------------
+    Kernel("01_naive", "naive: one thread per (b, h, i) query row", "prefill", "01_naive.cu",
+           "02_naive", prototype="fastmqa.prototypes.naive:mqa_naive", suites=("fp32",)),
+    # --- fused online softmax and tensor cores -------------------------------------------
+    # --- decode over a KV cache ---------------------------------------------------------
+]
+
+
+def get(name: str) -> Kernel:
+    for k in REGISTRY:
+        if k.name == name:
+            return k
+    raise KeyError(f"no kernel named {name!r}; known: {', '.join(k.name for k in REGISTRY)}")
+
+
+def by_kind(kind: str) -> list[Kernel]:
+    if kind not in ("prefill", "decode"):
+        raise ValueError(f"kind must be 'prefill' or 'decode', got {kind!r}")
+    return [k for k in REGISTRY if k.kind == kind]
+
+
+def in_suite(suite: str) -> list[Kernel]:
+    return [k for k in REGISTRY if suite in k.suites]

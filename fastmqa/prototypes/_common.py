@@ -1,0 +1,31 @@
+"""Plumbing shared by the prototypes: torch <-> numba arrays, shapes, launch."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .. import sim, validate
+
+
+def prepare(q, k, v, scale):
+    """Validate and return float32 numpy/device arrays q (B,H,Sq,D), k, v (B,Skv,D), scale."""
+    B, H, Sq, Skv, D, _ = validate.check_qkv(q, k, v, kv_heads=1)
+    validate.check_scale(scale)
+    validate.check_tensor("q", q, dtypes=(torch.float32,))
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    qn = q.detach().cpu().contiguous().numpy()
+    kn = k.detach().cpu().reshape(B, Skv, D).contiguous().numpy()
+    vn = v.detach().cpu().reshape(B, Skv, D).contiguous().numpy()
+    return qn, kn, vn, scale, (B, H, Sq, Skv, D)
+
+
+def to_device(*arrays):
+    cuda = sim.cuda()
+    return [cuda.to_device(np.ascontiguousarray(a)) for a in arrays]
+
+
+def finish(o_dev, like):
+    """Copy the result back to a torch tensor on `like`'s device."""
+    return torch.from_numpy(o_dev.copy_to_host()).to(like.device)
