@@ -12,6 +12,29 @@ Layouts follow torch's SDPA / GQA convention:
 iff j <= i + (Skv - Sq). A query row that sees no key at all (only possible when Sq > Skv)
 returns zeros, and its log-sum-exp is -inf; this is the documented fully-masked behaviour
 shared by every kernel in the course.
+
+Edge cases (the contract every kernel and prototype is tested against):
+
+* Empty inputs: B = 0, H = 0 or Sq = 0 give an empty output of shape (B, H, Sq, D).
+  Skv = 0 (no keys at all) makes every row fully masked: zeros, lse = -inf. A head dim of 0,
+  integer dtypes, a scale that is not a finite positive float, and a non-bool `causal` are
+  refused by the public functions with a message naming the argument.
+* Ragged caches (`seqlens`): keys j >= seqlens[b] are never read. Whatever they hold, even
+  NaN or inf (a KV cache is allocated with torch.empty), the result is the same as with the
+  cache cut to seqlens[b]; seqlens[b] = 0 makes the sequence's rows fully masked.
+* NaN propagates, it is never turned into silent zeros: a NaN anywhere in q[b, h, i] makes
+  row (b, h, i) NaN (every column, and its lse); a NaN in k[b, j] makes NaN every row that
+  sees key j; a NaN in v[b, j, d] makes column d NaN in every row that sees key j. A row
+  that sees no key is zeros whatever its q holds (nothing is read). Rows that do not see
+  key j because of the causal mask must not depend on it through k; through a NaN or inf
+  in v they may (here: p = 0 times NaN is NaN in the matmul; tiled kernels that load the
+  diagonal tile do the same), so that case is unspecified.
+* Infinities: +-inf in v[b, j, d] gives +-inf in column d of the rows that see key j (NaN if
+  they see both signs). +-inf in q or k makes scores infinite: a score of -inf drops its
+  key; a score of +inf or inf - inf = NaN has no finite softmax and makes the row NaN.
+* Large and small magnitudes: softmax subtracts the row max, so inputs scaled by 1e6 or
+  1e-6 and scales from 1e-3 to 1e3 stay finite (in fp32/bf16, whose range holds the
+  scores); only scores beyond the dtype's range (fp16 past 65504) overflow, as in PyTorch.
 """
 from __future__ import annotations
 
@@ -19,7 +42,7 @@ import math
 
 import torch
 
-from .validate import check_qkv
+from .validate import check_causal, check_qkv, check_scale, check_seqlens
 
 
 def causal_mask(Sq: int, Skv: int, device=None) -> torch.Tensor:
@@ -48,6 +71,9 @@ def attention_ref(q, k, v, causal=False, scale=None, return_lse=False, seqlens=N
         lens = seqlens.to(device=q.device, dtype=torch.long).view(B, 1, 1, 1, 1)
         j = torch.arange(Skv, device=q.device).view(1, 1, 1, 1, Skv)
         mask = j < lens
+        # Keys past the length are never read: zero them in v so NaN garbage there cannot
+        # leak into the matmul as 0 * NaN (their scores are masked below).
+        v = v.masked_fill(~mask.view(B, 1, Skv, 1), 0)
         if causal:
             i = torch.arange(Sq, device=q.device).view(1, 1, 1, Sq, 1)
             mask = mask & (j <= i + (lens - Sq))
@@ -56,7 +82,8 @@ def attention_ref(q, k, v, causal=False, scale=None, return_lse=False, seqlens=N
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     # softmax by hand so fully masked rows give 0 (not NaN) and we keep the lse.
-    m = s.amax(dim=-1, keepdim=True)
+    # Skv = 0: no key at all, every row fully masked (amax of an empty axis would raise).
+    m = s.amax(dim=-1, keepdim=True) if Skv else s.new_full((*s.shape[:-1], 1), float("-inf"))
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m_safe)
     l = p.sum(dim=-1, keepdim=True)
@@ -69,21 +96,33 @@ def attention_ref(q, k, v, causal=False, scale=None, return_lse=False, seqlens=N
     return out
 
 
+def _check_args(causal, scale):
+    check_causal(causal)
+    check_scale(scale)
+
+
 def mqa_attention_ref(q, k, v, causal=False, scale=None, return_lse=False, seqlens=None):
-    """MQA: q (B, H, Sq, D); k, v (B, 1, Skv, D) or (B, Skv, D). Returns (B, H, Sq, D)."""
-    check_qkv(q, k, v, kv_heads=1)
+    """MQA: q (B, H, Sq, D); k, v (B, 1, Skv, D) or (B, Skv, D). Returns (B, H, Sq, D).
+
+    seqlens: optional (B,) int32/int64 lengths in [0, Skv], on any device."""
+    B, _, _, Skv, _, _ = check_qkv(q, k, v, kv_heads=1)
+    _check_args(causal, scale)
+    if seqlens is not None:
+        check_seqlens(seqlens, B, Skv, None, dtypes=(torch.int32, torch.int64), name="seqlens")
     return attention_ref(q, k, v, causal=causal, scale=scale, return_lse=return_lse, seqlens=seqlens)
 
 
 def gqa_attention_ref(q, k, v, causal=False, scale=None, return_lse=False):
     """GQA: k, v (B, G, Skv, D) with H % G == 0."""
     check_qkv(q, k, v, kv_heads=None)
+    _check_args(causal, scale)
     return attention_ref(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
 
 
 def mha_attention_ref(q, k, v, causal=False, scale=None, return_lse=False):
     """MHA: k, v (B, H, Skv, D)."""
-    check_qkv(q, k, v, kv_heads=q.shape[1] if q.dim() == 4 else None)
+    check_qkv(q, k, v, kv_heads=q.shape[1] if getattr(q, "dim", lambda: 0)() == 4 else None)
+    _check_args(causal, scale)
     return attention_ref(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
 
 
