@@ -1,0 +1,210 @@
+"""The registry of graded exercises: per label, what the student's cell defines and how it is checked.
+
+Adding a chapter's exercise is one `Exercise(...)` entry in EXERCISES below:
+
+    Exercise("ex-03-padding", "03_smem", "Pad the K tile to remove bank conflicts",
+             name="mqa_smem_padded", check=AttentionCheck(causal=(False, True))),
+
+`name` is the callable the exercise cell defines (for a kernel exercise: the runner that
+launches the student's numba.cuda kernel, with the reference's signature
+`fn(q, k, v, causal=False, scale=None) -> (B, H, Sq, D)`). The grader runs the check inside
+the student's kernel after their cells: on the CPU in numba's simulator (tiny shapes, CPU
+tensors), on the GPU when there is one (more and larger shapes, CUDA tensors). Every output is
+compared with the float64 reference by `fastmqa.check` (error <= 2 x PyTorch's own
+same-dtype error + floor; never loosened here).
+"""
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class CaseResult:
+    name: str
+    ok: bool
+    detail: str = ""
+    not_attempted: bool = False
+
+
+@dataclass
+class Context:
+    device: str          # "cpu" (simulator) or "cuda"
+    simulated: bool
+
+
+# -- checks ------------------------------------------------------------------------------
+
+def _shape_name(B, H, Sq, Skv, D, causal):
+    return f"B={B} H={H} Sq={Sq} Skv={Skv} D={D} causal={causal}"
+
+
+def _run_case(name, thunk) -> CaseResult:
+    try:
+        return thunk()
+    except NotImplementedError as e:
+        return CaseResult(name, False, f"not attempted: NotImplementedError({e})", not_attempted=True)
+    except Exception as e:  # the student's code failed: say where, briefly
+        tb = traceback.extract_tb(e.__traceback__)
+        at = next((f"{f.name}, line {f.lineno}" for f in reversed(tb)
+                   if f.filename.startswith("<ipython-input") or f.filename.startswith("/tmp/ipykernel")), None)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return CaseResult(name, False, f"raised {type(e).__name__}: {msg}" + (f" (in {at})" if at else ""))
+
+
+def _tensor_or_error(name, out, want_shape):
+    if not isinstance(out, torch.Tensor):
+        return CaseResult(name, False, f"returned {type(out).__name__}, expected a tensor of shape {want_shape}")
+    if tuple(out.shape) != tuple(want_shape):
+        return CaseResult(name, False, f"returned shape {tuple(out.shape)}, expected {tuple(want_shape)}")
+    return None
+
+
+@dataclass(frozen=True)
+class AttentionCheck:
+    """fn(q, k, v, causal=..., scale=None) against fastmqa.check.compare over a shape grid.
+
+    Shapes are (B, H, Sq, Skv, D); k, v are passed as (B, Skv, D) (the shared MQA head).
+    The default grids include Sq != Skv (alignment), Sq > Skv (fully masked rows under
+    causal: zeros expected) and a single-query (decode) row.
+    """
+    causal: tuple = (False, True)
+    shapes_sim: tuple = ((1, 2, 4, 4, 8), (2, 3, 5, 7, 8), (1, 2, 7, 5, 16), (1, 2, 3, 9, 8))
+    shapes_gpu: tuple = ((1, 2, 4, 4, 8), (2, 3, 5, 7, 8), (1, 2, 7, 5, 16), (1, 2, 3, 9, 8),
+                         (2, 4, 64, 96, 64), (1, 8, 128, 128, 128), (2, 8, 1, 300, 64))
+    kv_3d: bool = True
+
+    def __call__(self, fn, ctx: Context) -> list[CaseResult]:
+        from ..check import compare
+        results = []
+        shapes = self.shapes_sim if ctx.simulated else self.shapes_gpu
+        for (B, H, Sq, Skv, D) in shapes:
+            for causal in self.causal:
+                name = _shape_name(B, H, Sq, Skv, D, causal)
+
+                def case(B=B, H=H, Sq=Sq, Skv=Skv, D=D, causal=causal, name=name):
+                    g = torch.Generator().manual_seed(1000 * Sq + Skv + (1 if causal else 0))
+                    q = torch.randn(B, H, Sq, D, generator=g)
+                    kv = (B, Skv, D) if self.kv_3d else (B, 1, Skv, D)
+                    k, v = torch.randn(*kv, generator=g), torch.randn(*kv, generator=g)
+                    q, k, v = (t.to(ctx.device) for t in (q, k, v))
+                    out = fn(q, k, v, causal=causal)
+                    bad = _tensor_or_error(name, out, (B, H, Sq, D))
+                    if bad:
+                        return bad
+                    r = compare(out, q, k, v, causal=causal)
+                    if r.ok:
+                        return CaseResult(name, True, f"max err {r.max_err:.1e} <= tol {r.tol:.1e}")
+                    if r.nan:
+                        return CaseResult(name, False, "output has NaN")
+                    return CaseResult(name, False, f"max err {r.max_err:.2e} > tol {r.tol:.2e} "
+                                                   f"(2 x torch err {r.torch_err:.1e} + floor); worst at "
+                                                   f"(b, h, i, d) = {r.where}")
+                results.append(_run_case(name, case))
+        return results
+
+
+def compare_tensors(out, ref64, torch_out, dtype=torch.float32):
+    """The tolerance rule of fastmqa.check for any tensor: (ok, max_err, tol, where, nan)."""
+    from ..check import ATOL, MULTIPLE
+    out64 = out.detach().double().cpu()
+    nan = bool(torch.isnan(out64).any() or torch.isinf(out64).any())
+    diff = (out64 - ref64).abs()
+    max_err = float(diff.max()) if diff.numel() else 0.0
+    torch_err = float((torch_out.detach().double().cpu() - ref64).abs().max()) if diff.numel() else 0.0
+    tol = MULTIPLE * torch_err + ATOL.get(dtype, 1e-6)
+    where = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0]) if diff.numel() and not nan else None
+    return (not nan) and max_err <= tol, max_err, tol, where, nan
+
+
+@dataclass(frozen=True)
+class SoftmaxCheck:
+    """fn(x) -> softmax over the last axis of a 2-D float32 tensor, against fp64 torch.softmax."""
+    shapes: tuple = ((1, 5), (3, 17), (4, 64), (2, 130))
+    scales: tuple = (1.0, 60.0)   # 60: logits around +-200, where exp overflows without the max
+
+    def __call__(self, fn, ctx: Context) -> list[CaseResult]:
+        results = []
+        for (R, C) in self.shapes:
+            for s in self.scales:
+                name = f"rows={R} cols={C} logits x{s:g}"
+
+                def case(R=R, C=C, s=s, name=name):
+                    g = torch.Generator().manual_seed(R * 1000 + C)
+                    x = (torch.randn(R, C, generator=g) * s).to(ctx.device)
+                    out = fn(x)
+                    bad = _tensor_or_error(name, out, (R, C))
+                    if bad:
+                        return bad
+                    ref = torch.softmax(x.double().cpu(), dim=-1)
+                    ok, err, tol, where, nan = compare_tensors(out, ref, torch.softmax(x, dim=-1))
+                    if ok:
+                        return CaseResult(name, True, f"max err {err:.1e} <= tol {tol:.1e}")
+                    if nan:
+                        return CaseResult(name, False, "output has NaN or inf (does exp overflow? subtract "
+                                                       "the row max first)")
+                    return CaseResult(name, False, f"max err {err:.2e} > tol {tol:.2e}; worst at (row, col) = {where}")
+                results.append(_run_case(name, case))
+        return results
+
+
+@dataclass(frozen=True)
+class FunctionCheck:
+    """Any other check: `fn_check(fn, ctx) -> list[CaseResult]` (use _run_case per case)."""
+    fn_check: Callable
+
+    def __call__(self, fn, ctx):
+        return self.fn_check(fn, ctx)
+
+
+# -- the registry -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Exercise:
+    label: str                 # the {exercise}'s :label: and the cell's '# EXERCISE <label>'
+    chapter: str               # notebook stem: "02_naive"
+    title: str
+    name: str                  # the callable the exercise cell defines
+    check: Callable            # (fn, Context) -> list[CaseResult]
+    points: float = 1.0
+    hint: str = ""             # shown when a case fails
+    extra: dict = field(default_factory=dict)
+
+
+_CAUSAL_HINT = ("causal masking is bottom-right aligned: query i of Sq sees key j of Skv iff "
+                "j <= i + (Skv - Sq); a row that sees no key gives zeros")
+
+EXERCISES: list[Exercise] = [
+    # --- the fixture of tests/test_classroom.py (tests/fixtures/classroom_fixture.ipynb) -----
+    Exercise("ex-fixture-causal", "classroom_fixture", "Make the naive prototype causal",
+             name="mqa_naive_causal", check=AttentionCheck(causal=(True,)), hint=_CAUSAL_HINT),
+    Exercise("ex-fixture-softmax", "classroom_fixture", "A numba kernel for row-wise softmax",
+             name="softmax_rows", check=SoftmaxCheck(),
+             hint="one thread per row: max, then sum of exp(x - max), then divide"),
+    # --- chapters ----------------------------------------------------------------------------
+]
+
+
+def get(label: str) -> Exercise | None:
+    for e in EXERCISES:
+        if e.label == label:
+            return e
+    return None
+
+
+def for_chapter(chapter: str) -> list[Exercise]:
+    return [e for e in EXERCISES if e.chapter == chapter]
+
+
+def _check_unique():
+    seen = set()
+    for e in EXERCISES:
+        if e.label in seen:
+            raise ValueError(f"exercise label {e.label!r} registered twice")
+        seen.add(e.label)
+
+
+_check_unique()
