@@ -35,9 +35,14 @@ class CacheSpec:
     rope_dim: int = 0               # MLA decoupled RoPE key width
 
     def __post_init__(self):
-        for field in ("num_heads", "head_dim"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        for field in ("num_heads", "head_dim", "kv_heads", "kv_lora_rank", "rope_dim"):
+            val = getattr(self, field)
+            if field == "kv_heads" and val is None:
+                continue
+            if isinstance(val, bool) or not isinstance(val, int):
+                raise TypeError(f"{field} must be an int, got {type(val).__name__} {val!r}")
+            if val < (1 if field in ("num_heads", "head_dim") else 0):
+                raise ValueError(f"{field} must be >= {1 if field in ('num_heads', 'head_dim') else 0}, got {val}")
         if self.kv_heads is not None and (self.kv_heads < 1 or self.num_heads % self.kv_heads):
             raise ValueError(f"kv_heads must divide num_heads={self.num_heads}, got {self.kv_heads}")
         if self.kv_heads is None and self.kv_lora_rank + self.rope_dim < 1:
@@ -71,6 +76,9 @@ def bytes_per_token(spec: CacheSpec, dtype=torch.bfloat16, layers: int = 1) -> i
 
 
 def cache_bytes(spec: CacheSpec, batch: int, seq_len: int, dtype=torch.bfloat16, layers: int = 1) -> int:
+    for name, val in (("batch", batch), ("seq_len", seq_len), ("layers", layers)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {val!r}")
     return bytes_per_token(spec, dtype, layers) * batch * seq_len
 
 
@@ -87,6 +95,9 @@ def cache_multiplier(spec: CacheSpec, baseline: CacheSpec) -> float:
 def stats_from_tensors(cache_tensors, baseline: CacheSpec, tokens: int, dtype=None) -> dict:
     """Cache statistics from the real cache tensors of one layer holding `tokens` tokens
     (summed over the batch), against what `baseline` would hold for the same tokens."""
+    if not cache_tensors or isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"stats need at least one cache tensor and tokens >= 1, got {len(cache_tensors)} "
+                         f"tensors and tokens={tokens!r}")
     used = sum(t.numel() * t.element_size() for t in cache_tensors)
     dtype = dtype or cache_tensors[0].dtype
     base = bytes_per_token(baseline, dtype) * tokens
