@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,18 +57,29 @@ def write_results(suite: str, data: dict, results_dir=None) -> Path:
     p = results_path(suite, results_dir)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{suite}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, p)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, p)
+    except BaseException:  # interrupted or unserialisable: keep the old file, leave no temp file
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     return p
 
 
 def validate_results(data: dict):
     """Raise ValueError if `data` does not follow the results schema."""
+    if not isinstance(data, dict):
+        raise ValueError(f"results must be a dict, got {type(data).__name__}")
     for key in ("suite", "device", "torch", "cuda", "date", "ceilings", "rows"):
         if key not in data:
             raise ValueError(f"results file lacks top-level key {key!r}")
+    if not isinstance(data["ceilings"], dict):
+        raise ValueError(f"ceilings must be a dict, got {type(data['ceilings']).__name__}")
+    if not isinstance(data["rows"], list) or not all(isinstance(r, dict) for r in data["rows"]):
+        raise ValueError(f"rows must be a list of dicts, got {type(data['rows']).__name__}")
     for key in ("copy_gbps", "bf16_tflops", "fp32_tflops"):
         v = data["ceilings"].get(key)
         if not isinstance(v, (int, float)) or not v > 0:
@@ -76,7 +88,8 @@ def validate_results(data: dict):
         for key in ROW_KEYS:
             if key not in row:
                 raise ValueError(f"row {i} ({row.get('impl')}) lacks {key!r}")
-        if not (isinstance(row["ms"], (int, float)) and row["ms"] > 0 and math.isfinite(row["ms"])):
+        if not (isinstance(row["ms"], (int, float)) and not isinstance(row["ms"], bool) and row["ms"] > 0
+                and math.isfinite(row["ms"])):
             raise ValueError(f"row {i} ({row['impl']}) has ms={row['ms']!r}, expected a positive number")
         if row["kind"] in ("prefill",) and "tflops" not in row:
             raise ValueError(f"prefill row {i} ({row['impl']}) lacks 'tflops'")
@@ -185,6 +198,8 @@ def torch_paths(kind: str, small: bool):
 
 
 def _first_working(fn, q, k, v, causal):
+    """None if the path runs on these inputs, else why not (a forced backend may refuse)."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*|fastmqa\..*")
     try:
         fn(q, k, v, causal)
         torch.cuda.synchronize()

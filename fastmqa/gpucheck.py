@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -59,7 +60,8 @@ def sanitize(name, tool, timeout=600):
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
         out = (p.stdout + p.stderr)
-        ok = p.returncode == 0 and "ERROR SUMMARY: 0 errors" in out
+        # memcheck/synccheck print "ERROR SUMMARY: 0 errors", racecheck "RACECHECK SUMMARY: ... (0 errors, ...".
+        ok = p.returncode == 0 and re.search(r"SUMMARY: (0 errors|.*\(0 errors)", out) is not None
         tail = "\n".join(l for l in out.splitlines() if "=========" in l)[-1500:]
     except subprocess.TimeoutExpired:
         ok, tail = False, f"timed out after {timeout} s"
@@ -102,15 +104,21 @@ def main(argv=None):
     import torch
     from . import gridcheck, kernels
     from .build import build_all
-    if not torch.cuda.is_available():
-        print("fastmqa.gpucheck: no CUDA GPU here (torch.cuda.is_available() is False). Run it on a GPU host; "
-              "on a CPU machine run the test suite (README) instead.", file=sys.stderr)
-        return 2
+    # Bad arguments are usage errors (exit 2 naming them) on any machine, GPU or not.
     names = args.kernels.split(",") if args.kernels else [k.name for k in kernels.REGISTRY]
     try:
         entries = [kernels.get(n) for n in names]
     except KeyError as e:
-        ap.error(str(e))
+        ap.error(str(e.args[0]))
+    if args.fuzz < 0:
+        ap.error(f"--fuzz must be >= 0 (examples per kernel), got {args.fuzz}")
+    bad_tools = [t for t in args.sanitizer_tools.split(",") if t not in SANITIZER_TOOLS + ("initcheck",)]
+    if bad_tools:
+        ap.error(f"unknown --sanitizer-tools {', '.join(bad_tools)}; choose from {', '.join(SANITIZER_TOOLS)}, initcheck")
+    if not torch.cuda.is_available():
+        print("fastmqa.gpucheck: no CUDA GPU here (torch.cuda.is_available() is False). Run it on a GPU host; "
+              "on a CPU machine run the test suite (README) instead.", file=sys.stderr)
+        return 2
     os.environ.setdefault("MAX_JOBS", "4")
     summary = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "kernels": {}, "sanitizer": [], "notebooks": []}

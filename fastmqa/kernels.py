@@ -116,12 +116,34 @@ def _scores_bytes(B, H, Sq, Skv, D, dtype, num_splits):
     return B * H * Sq * Skv * 4
 
 
+def _decode_workspace(B, H, Sq, Skv, D, dtype, num_splits):
+    """Bytes of 10_decode's split-KV partials: fp32 (splits, B, H*Sq, D) outputs + (splits, B, H*Sq) lse.
+
+    An upper bound of the split count its launcher uses: a given num_splits is clamped to the
+    number of key tiles (tiles are >= 32 keys); a chosen one is at most 256, the number of tiles,
+    and 2 waves of <= 4 resident CTAs per SM over B sequences (ceil(8 * SMs / B))."""
+    tiles = -(-Skv // 32)
+    if num_splits:
+        splits = min(num_splits, tiles)
+    else:
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
+            if torch.cuda.is_available() else 132
+        splits = min(tiles, 256, max(1, -(-8 * sms // max(B, 1))))
+    return 0 if splits <= 1 else splits * B * H * Sq * (D + 1) * 4
+
+
 REGISTRY: list[Kernel] = [
     # --- fp32 chapters: naive -> shared memory -> warp primitives -> cuBLAS -------------
     Kernel("01_naive", "naive: one thread per (b, h, i) query row", "prefill", "01_naive.cu",
            "02_naive", prototype="fastmqa.prototypes.naive:mqa_naive", suites=("fp32",)),
     # --- fused online softmax and tensor cores -------------------------------------------
     # --- decode over a KV cache ---------------------------------------------------------
+    # MLA: D = 576 is the latent cache (512 + 64 RoPE) passed as both k and v (one load per tile);
+    # o[..., :512] is MLA's output.
+    Kernel("10_decode", "decode: all heads share each K/V tile, split-KV over CTAs + combine", "decode",
+           "10_decode.cu", "08_decode", dtypes=(FP16, BF16), head_dims=(64, 128, 576), max_sq=8,
+           workspace=_decode_workspace, returns_lse=True,
+           prototype="fastmqa.prototypes.decode:mqa_decode_splitkv", suites=("decode",)),
 ]
 
 

@@ -8,8 +8,9 @@ Adding a chapter's exercise is one `Exercise(...)` entry in EXERCISES below:
 `name` is the callable the exercise cell defines (for a kernel exercise: the runner that
 launches the student's numba.cuda kernel, with the reference's signature
 `fn(q, k, v, causal=False, scale=None) -> (B, H, Sq, D)`). The grader runs the check inside
-the student's kernel after their cells: on the CPU in numba's simulator (tiny shapes, CPU
-tensors), on the GPU when there is one (more and larger shapes, CUDA tensors). Every output is
+the student's kernel after their cells: on the CPU in numba's simulator (tiny shapes), on the
+GPU when there is one (more and larger shapes). Inputs are CPU tensors (a numba runner copies
+them to the device) unless a check asks for device tensors. Every output is
 compared with the float64 reference by `fastmqa.check` (error <= 2 x PyTorch's own
 same-dtype error + floor; never loosened here).
 """
@@ -76,9 +77,13 @@ class AttentionCheck:
     shapes_gpu: tuple = ((1, 2, 4, 4, 8), (2, 3, 5, 7, 8), (1, 2, 7, 5, 16), (1, 2, 3, 9, 8),
                          (2, 4, 64, 96, 64), (1, 8, 128, 128, 128), (2, 8, 1, 300, 64))
     kv_3d: bool = True
+    # "host": CPU tensors in every mode (a numba runner copies them to the device itself);
+    # "device": tensors on ctx.device (CUDA on a GPU), for exercises that call torch kernels.
+    tensors: str = "host"
 
     def __call__(self, fn, ctx: Context) -> list[CaseResult]:
         from ..check import compare
+        device = ctx.device if self.tensors == "device" else "cpu"
         results = []
         shapes = self.shapes_sim if ctx.simulated else self.shapes_gpu
         for (B, H, Sq, Skv, D) in shapes:
@@ -90,7 +95,7 @@ class AttentionCheck:
                     q = torch.randn(B, H, Sq, D, generator=g)
                     kv = (B, Skv, D) if self.kv_3d else (B, 1, Skv, D)
                     k, v = torch.randn(*kv, generator=g), torch.randn(*kv, generator=g)
-                    q, k, v = (t.to(ctx.device) for t in (q, k, v))
+                    q, k, v = (t.to(device) for t in (q, k, v))
                     out = fn(q, k, v, causal=causal)
                     bad = _tensor_or_error(name, out, (B, H, Sq, D))
                     if bad:
@@ -134,7 +139,7 @@ class SoftmaxCheck:
 
                 def case(R=R, C=C, s=s, name=name):
                     g = torch.Generator().manual_seed(R * 1000 + C)
-                    x = (torch.randn(R, C, generator=g) * s).to(ctx.device)
+                    x = torch.randn(R, C, generator=g) * s   # host tensor: the runner copies it
                     out = fn(x)
                     bad = _tensor_or_error(name, out, (R, C))
                     if bad:
@@ -185,6 +190,11 @@ EXERCISES: list[Exercise] = [
              name="softmax_rows", check=SoftmaxCheck(),
              hint="one thread per row: max, then sum of exp(x - max), then divide"),
     # --- chapters ----------------------------------------------------------------------------
+    Exercise("ex-02-per-element", "02_naive", "One thread per output element",
+             name="mqa_per_element", check=AttentionCheck(causal=(False, True)), hint=_CAUSAL_HINT),
+    Exercise("ex-02-per-element", "02_naive", "One thread per output element (b, h, i, d)",
+             name="mqa_per_element", check=AttentionCheck(causal=(False, True)),
+             hint="thread t owns d = t % D of row t // D; recompute the row's max and sum, accumulate p * v[b, j, d]"),
 ]
 
 

@@ -1,0 +1,51 @@
+"""Small helpers the notebooks share: show source, say what machine this is, read results."""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def show_source(obj, start=None, end=None):
+    """Show the source of a function, a module, or a file in kernels/ (by name), highlighted."""
+    if isinstance(obj, str):
+        path = ROOT / "kernels" / obj if not obj.startswith("/") else Path(obj)
+        text, lang = path.read_text(), "cuda" if path.suffix in (".cu", ".cuh") else "python"
+    else:
+        target = getattr(obj, "py_func", obj)  # numba dispatchers keep the Python function
+        text, lang = inspect.getsource(target), "python"
+    lines = text.splitlines()
+    text = "\n".join(lines[(start or 1) - 1:end])
+    try:
+        from IPython.display import Code, display
+        display(Code(text, language=lang))
+    except ImportError:
+        print(text)
+
+
+def gpu() -> bool:
+    """True when a CUDA GPU is usable from torch (so the .cu kernels can be built and run)."""
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def no_gpu(what: str):
+    print(f"no GPU here: skipping {what}. The book shows this cell's output from the H100 run.")
+
+
+def machine() -> dict:
+    import platform
+
+    import torch
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "torch CUDA": torch.version.cuda or "none (CPU build)", "GPU": None}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update({"GPU": p.name, "SMs": p.multi_processor_count,
+                     "memory GiB": round(p.total_memory / 2**30, 1),
+                     "compute capability": f"{p.major}.{p.minor}"})
+    return info
