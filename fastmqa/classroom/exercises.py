@@ -190,8 +190,6 @@ EXERCISES: list[Exercise] = [
              name="softmax_rows", check=SoftmaxCheck(),
              hint="one thread per row: max, then sum of exp(x - max), then divide"),
     # --- chapters ----------------------------------------------------------------------------
-    Exercise("ex-02-per-element", "02_naive", "One thread per output element",
-             name="mqa_per_element", check=AttentionCheck(causal=(False, True)), hint=_CAUSAL_HINT),
     Exercise("ex-02-per-element", "02_naive", "One thread per output element (b, h, i, d)",
              name="mqa_per_element", check=AttentionCheck(causal=(False, True)),
              hint="thread t owns d = t % D of row t // D; recompute the row's max and sum, accumulate p * v[b, j, d]"),
