@@ -137,6 +137,12 @@ REGISTRY: list[Kernel] = [
     Kernel("01_naive", "naive: one thread per (b, h, i) query row", "prefill", "01_naive.cu",
            "02_naive", prototype="fastmqa.prototypes.naive:mqa_naive", suites=("fp32",)),
     # --- fused online softmax and tensor cores -------------------------------------------
+    Kernel("05_flash_fp32", "fused online softmax, fp32 CUDA cores; one K/V tile serves all heads",
+           "prefill", "05_flash_fp32.cu", "06_flash_fp32", returns_lse=True,
+           prototype="fastmqa.prototypes.flash:mqa_flash", suites=("fp32",)),
+    Kernel("06_flash_mma", "tensor cores: mma.sync m16n8k16, ldmatrix, cp.async, softmax in registers",
+           "prefill", "06_flash_mma.cu", "07_tensor_cores", dtypes=(FP16, BF16), returns_lse=True,
+           prototype="fastmqa.prototypes.flash:mqa_flash_tiled", suites=("prefill",)),
     # --- decode over a KV cache ---------------------------------------------------------
     # MLA: D = 576 is the latent cache (512 + 64 RoPE) passed as both k and v (one load per tile);
     # o[..., :512] is MLA's output.

@@ -1,0 +1,384 @@
+// 06_flash_mma.cu — fused MQA attention on tensor cores: bf16/fp16 in, fp32 accumulation.
+//
+// The algorithm of 05_flash_fp32.cu (online softmax, MQA rows packed (i, h) i-major so one
+// K/V tile serves every head of a few query positions), with the two tile products on
+// tensor cores through `mma.sync.aligned.m16n8k16` (inline PTX):
+//   * a block of 4 warps owns BM = 128 packed rows; each warp owns 32 of them (two m16 tiles)
+//     and computes its (32, BN) score tile S = Q K^T and its (32, D) output O alone;
+//   * shared-memory tiles are stored in 16-byte chunks XOR-swizzled by row (chunk ^ row % 8),
+//     so the eight 16-byte rows that one `ldmatrix` phase reads sit in eight different bank
+//     groups: no bank conflicts, without padding;
+//   * K and V tiles are double-buffered: cp.async fills tile t+1 while tile t is computed;
+//   * the softmax runs on the mma accumulators in registers (each row lives in the 4 lanes of
+//     a quad: two xor-shuffles give its max), with exp2f and a log2(e)-prescaled scale, so
+//     each exponent is one FFMA + one MUFU.EX2;
+//   * P never touches shared memory: the accumulator layout of S (m16n8, fp32) is, pair by
+//     pair, the A-operand layout of the next m16n8k16 once converted to 16 bits, so the
+//     registers of P feed the P V product directly (FlashAttention-2's register trick);
+//   * causal: tiles past the block's last visible key are never loaded, only the tiles that
+//     cross a row's diagonal (or Skv) are masked, and blocks with the most keys start first.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "mqa_params.cuh"
+
+namespace {
+
+constexpr int NWARPS = 4, NT = NWARPS * 32, WM = 2;  // WM m16 tiles per warp
+constexpr int BM = NWARPS * WM * 16;                // 128 packed rows per block
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
+  int n = pred ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+  // c += a (16x16, row) * b (16x8, col); fp32 accumulators
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = the lower column
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+template <> struct Mma<__half> {
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+
+// Byte offset of 16-byte chunk `ch` of row `r` in a tile of D 16-bit columns, swizzled.
+template <int D>
+__device__ __forceinline__ uint32_t swz(int r, int ch) { return (uint32_t)(r * D * 2 + ((ch ^ (r & 7)) << 4)); }
+
+// K or V rows [j0, j0 + BN) of (Skv, D) into a swizzled tile; rows past Skv are zero-filled.
+template <int D, int BN, typename T>
+__device__ __forceinline__ void load_kv(uint32_t dst, const T* src, int j0, int Skv, int tid) {
+  constexpr int CH = D / 8;
+  static_assert(BN * CH % NT == 0, "the tile splits evenly over the threads");
+  const int r0 = tid / CH, c = tid % CH;  // the chunk column is fixed per thread: addresses are base + constant
+#pragma unroll
+  for (int it = 0; it < BN * CH / NT; ++it) {
+    int r = r0 + it * (NT / CH);
+    bool in = j0 + r < Skv;
+    cp_async16(dst + swz<D>(r, c), src + (size_t)(in ? j0 + r : 0) * D + c * 8, in);
+  }
+}
+
+template <typename T, int D, int BN, bool Q_IN_REGS>
+struct Cfg {
+  static constexpr int KS = D / 16;     // k-steps of S = Q K^T
+  static constexpr int NS = BN / 8;     // n8 tiles of S
+  static constexpr int KP = BN / 16;    // k-steps of O += P V
+  static constexpr int NO = D / 8;      // n8 tiles of O
+  static constexpr int Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;
+  static constexpr int SMEM = Q_BYTES + 4 * KV_BYTES;  // Q, K[2], V[2]
+};
+
+template <typename T, int D, int BN, bool Q_IN_REGS>
+__global__ void __launch_bounds__(NT, 2)
+mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D)
+                     const T* __restrict__ k,   // (B, Skv, D)
+                     const T* __restrict__ v,   // (B, Skv, D)
+                     T* __restrict__ o,         // (B, H, Sq, D)
+                     float* __restrict__ lse,   // (B, H, Sq) or nullptr
+                     int B, int H, int Sq, int Skv, float scale, int causal) {
+  using C = Cfg<T, D, BN, Q_IN_REGS>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t sQ = smem_u32(smem);
+  const uint32_t sK0 = sQ + C::Q_BYTES, sV0 = sK0 + 2 * C::KV_BYTES;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, tq = lane & 3;  // mma fragment coordinates: row group, thread in quad
+  const int nmb = (H * Sq + BM - 1) / BM;
+  const int mb = nmb - 1 - (int)(blockIdx.x / B);  // the blocks with the most keys go first
+  const int b = blockIdx.x % B;
+  const int m0 = mb * BM, rows = H * Sq, off = Skv - Sq;
+  const T* kb = k + (size_t)b * Skv * D;
+  const T* vb = v + (size_t)b * Skv * D;
+
+  const int i_first = m0 / H, i_last = min(Sq - 1, (m0 + BM - 1) / H);
+  const int kv_end = causal ? min(Skv, max(0, i_last + off + 1)) : Skv;
+  const int n_tiles = (kv_end + BN - 1) / BN;
+  const int mask_from = causal ? min(Skv / BN, max(0, i_first + off + 1) / BN) : Skv / BN;
+
+  // Q tile: tile row r is packed row m0 + r = i * H + h of batch b.
+  {
+    constexpr int CH = D / 8;
+    const int c = tid % CH;
+#pragma unroll
+    for (int it = 0; it < BM * CH / NT; ++it) {
+      int r = tid / CH + it * (NT / CH), row = m0 + r;
+      bool in = row < rows;
+      int i = in ? row / H : 0, h = in ? row % H : 0;
+      cp_async16(sQ + swz<D>(r, c), q + (((size_t)b * H + h) * Sq + i) * D + c * 8, in);
+    }
+  }
+  if (n_tiles > 0) {
+    load_kv<D, BN>(sK0, kb, 0, Skv, tid);
+    load_kv<D, BN>(sV0, vb, 0, Skv, tid);
+  }
+  cp_async_commit();
+
+  // This thread's 4 rows: warp * 32 + mt * 16 + g + 8 * hf; the last key each may see.
+  int jlim[WM][2];
+#pragma unroll
+  for (int mt = 0; mt < WM; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      int row = min(m0 + warp * 32 + mt * 16 + g + 8 * hf, rows - 1);
+      jlim[mt][hf] = causal ? min(Skv - 1, row / H + off) : Skv - 1;
+    }
+
+  const float scale_log2 = scale * 1.4426950408889634f;  // exp(x * scale) = exp2(x * scale_log2)
+  float acc_o[WM][C::NO][4];
+  float m_run[WM][2], l_run[WM][2];  // running max (raw score units) and partial row sum
+#pragma unroll
+  for (int mt = 0; mt < WM; ++mt) {
+#pragma unroll
+    for (int n = 0; n < C::NO; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mt][n][e] = 0.f;
+    m_run[mt][0] = m_run[mt][1] = -INFINITY;
+    l_run[mt][0] = l_run[mt][1] = 0.f;
+  }
+
+  // ldmatrix lane offsets. Lanes 8m..8m+7 give the 8 row addresses of matrix m of an x4:
+  //   Q (A of S):  rows +0/+8 by m & 1, chunk +0/+1 by m >> 1  -> a0 a1 a2 a3
+  //   K (B of S):  chunk +0/+1 by m & 1, keys +0/+8 by m >> 1  -> b0 b1 of two n8 tiles
+  //   V (B of PV, .trans): keys +0/+8 by m & 1, chunk +0/+1 by m >> 1 -> b0 b1 of two n8 tiles
+  // Every row a lane addresses is = lane (mod 8), so its swizzle is x = lane & 7. Step s of a
+  // k (or d) loop reads chunk 2s + c, swizzled 8 (s >> 2) + ((2 (s & 3) + c) ^ x): four
+  // offsets per operand (s & 3) plus a constant, which keeps the addresses out of registers.
+  uint32_t qo[4], ko[4], vo[4];
+  {
+    const int x = lane & 7;
+    const int a_row = warp * 32 + (lane & 7) + ((lane >> 3) & 1) * 8, a_ch = lane >> 4;
+    const int k_row = (lane & 7) + (lane >> 4) * 8, k_ch = (lane >> 3) & 1;
+    const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8, v_ch = lane >> 4;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      qo[j] = a_row * D * 2 + (((2 * j + a_ch) ^ x) << 4);
+      ko[j] = k_row * D * 2 + (((2 * j + k_ch) ^ x) << 4);
+      vo[j] = v_row * D * 2 + (((2 * j + v_ch) ^ x) << 4);
+    }
+  }
+  // tile base + lane offset of step s, + rows (a multiple of 8) * row bytes
+#define LDSM_OFF(off, s, rows) ((off)[(s) & 3] + ((s) >> 2) * 128 + (rows) * D * 2)
+
+  uint32_t qf[Q_IN_REGS ? WM : 1][Q_IN_REGS ? C::KS : 1][4];
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int n0 = t * BN;
+    const uint32_t sK = sK0 + (t & 1) * C::KV_BYTES, sV = sV0 + (t & 1) * C::KV_BYTES;
+    cp_async_wait_all();
+    __syncthreads();  // tile t (and Q) landed; every warp is done with tile t-1's buffers
+    if (t + 1 < n_tiles) {
+      const uint32_t nb = ((t + 1) & 1) * C::KV_BYTES;
+      load_kv<D, BN>(sK0 + nb, kb, n0 + BN, Skv, tid);
+      load_kv<D, BN>(sV0 + nb, vb, n0 + BN, Skv, tid);
+    }
+    cp_async_commit();
+    if constexpr (Q_IN_REGS) {
+      if (t == 0) {  // Q's A fragments stay in registers for the whole K/V sweep
+#pragma unroll
+        for (int mt = 0; mt < WM; ++mt)
+#pragma unroll
+          for (int ks = 0; ks < C::KS; ++ks) ldsm_x4(qf[mt][ks], sQ + LDSM_OFF(qo, ks, mt * 16));
+      }
+    }
+
+    // S = Q K^T on tensor cores: (32, BN) per warp.
+    float s[WM][C::NS][4];
+#pragma unroll
+    for (int mt = 0; mt < WM; ++mt)
+#pragma unroll
+      for (int n = 0; n < C::NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][n][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < C::KS; ++ks) {
+      uint32_t a[WM][4];
+#pragma unroll
+      for (int mt = 0; mt < WM; ++mt) {
+        if constexpr (Q_IN_REGS) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) a[mt][e] = qf[mt][ks][e];
+        } else {
+          ldsm_x4(a[mt], sQ + LDSM_OFF(qo, ks, mt * 16));
+        }
+      }
+#pragma unroll
+      for (int np = 0; np < C::NS / 2; ++np) {
+        uint32_t bk[4];  // b0, b1 of keys np*16..+7, then b0, b1 of keys np*16+8..+15
+        ldsm_x4(bk, sK + LDSM_OFF(ko, ks, np * 16));
+#pragma unroll
+        for (int mt = 0; mt < WM; ++mt) {
+          Mma<T>::run(s[mt][2 * np], a[mt], bk[0], bk[1]);
+          Mma<T>::run(s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+        }
+      }
+    }
+
+    // Mask (only tiles that cross Skv or a causal diagonal), then the online softmax.
+    if (t >= mask_from) {
+#pragma unroll
+      for (int mt = 0; mt < WM; ++mt)
+#pragma unroll
+        for (int n = 0; n < C::NS; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            int j = n0 + n * 8 + 2 * tq + (e & 1);
+            if (j > jlim[mt][e >> 1]) s[mt][n][e] = -INFINITY;
+          }
+    }
+    uint32_t pa[WM][C::KP][4];  // P as bf16/fp16 A fragments of the P V product
+#pragma unroll
+    for (int mt = 0; mt < WM; ++mt) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float mx = m_run[mt][hf];
+#pragma unroll
+        for (int n = 0; n < C::NS; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * hf], s[mt][n][2 * hf + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share the row
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;  // no key yet: p = 0
+        const float alpha = exp2f(m_run[mt][hf] * scale_log2 - m_scaled);
+        m_run[mt][hf] = mx;
+        float ls = 0.f;
+#pragma unroll
+        for (int n = 0; n < C::NS; ++n) {
+          float p0 = exp2f(fmaf(s[mt][n][2 * hf], scale_log2, -m_scaled));
+          float p1 = exp2f(fmaf(s[mt][n][2 * hf + 1], scale_log2, -m_scaled));
+          s[mt][n][2 * hf] = p0;
+          s[mt][n][2 * hf + 1] = p1;
+          ls += p0 + p1;
+        }
+        l_run[mt][hf] = l_run[mt][hf] * alpha + ls;
+#pragma unroll
+        for (int n = 0; n < C::NO; ++n) {
+          acc_o[mt][n][2 * hf] *= alpha;
+          acc_o[mt][n][2 * hf + 1] *= alpha;
+        }
+      }
+      // Accumulator (row g / g+8, cols 2tq, 2tq+1) of n-tiles 2kk, 2kk+1 = A fragment of k-step kk.
+#pragma unroll
+      for (int kk = 0; kk < C::KP; ++kk) {
+        pa[mt][kk][0] = Mma<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[mt][kk][1] = Mma<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[mt][kk][2] = Mma<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[mt][kk][3] = Mma<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+    }
+
+    // O += P V on tensor cores; V's B fragments come from ldmatrix.trans of the row-major tile.
+#pragma unroll
+    for (int kk = 0; kk < C::KP; ++kk) {
+#pragma unroll
+      for (int dp = 0; dp < C::NO / 2; ++dp) {
+        uint32_t bv[4];  // b0, b1 of d-tile 2dp, then b0, b1 of d-tile 2dp+1
+        ldsm_x4_trans(bv, sV + LDSM_OFF(vo, dp, kk * 16));
+#pragma unroll
+        for (int mt = 0; mt < WM; ++mt) {
+          Mma<T>::run(acc_o[mt][2 * dp], pa[mt][kk], bv[0], bv[1]);
+          Mma<T>::run(acc_o[mt][2 * dp + 1], pa[mt][kk], bv[2], bv[3]);
+        }
+      }
+    }
+  }
+#undef LDSM_OFF
+  cp_async_wait_all();
+  if (n_tiles == 0) __syncthreads();  // other warps' cp.async of this warp's Q rows must land first
+
+  // Epilogue: l over the quad, normalise, stage the warp's 32 rows in its own rows of the Q
+  // tile (no other warp reads them), then 16-byte coalesced stores of whole rows.
+#pragma unroll
+  for (int mt = 0; mt < WM; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float l = l_run[mt][hf];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that saw no key: zeros, lse = -inf
+      const int r = warp * 32 + mt * 16 + g + 8 * hf;
+#pragma unroll
+      for (int n = 0; n < C::NO; ++n) {
+        uint32_t val = Mma<T>::pack(acc_o[mt][n][2 * hf] * inv, acc_o[mt][n][2 * hf + 1] * inv);
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sQ + swz<D>(r, n) + tq * 4), "r"(val));
+      }
+      const int row = m0 + r;
+      if (lse && tq == 0 && row < rows)
+        lse[((size_t)b * H + row % H) * Sq + row / H] = l > 0.f ? m_run[mt][hf] * scale + logf(l) : -INFINITY;
+    }
+  __syncwarp();
+  {
+    constexpr int CH = D / 8;
+    const int c = lane % CH;
+#pragma unroll
+    for (int it = 0; it < CH; ++it) {
+      int r = warp * 32 + lane / CH + it * (32 / CH), row = m0 + r;
+      if (row < rows) {
+        uint4 val;
+        asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w) : "r"(sQ + swz<D>(r, c)));
+        *reinterpret_cast<uint4*>(o + (((size_t)b * H + row % H) * Sq + row / H) * D + c * 8) = val;
+      }
+    }
+  }
+}
+
+template <typename T, int D, int BN, bool QR>
+int launch(const MQAParams& p) {
+  using C = Cfg<T, D, BN, QR>;
+  auto kern = mqa_flash_mma_kernel<T, D, BN, QR>;
+  if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM) != cudaSuccess)
+    return FASTMQA_UNSUPPORTED;
+  const int nmb = (p.H * p.Sq + BM - 1) / BM;
+  kern<<<nmb * p.B, NT, C::SMEM, p.stream>>>((const T*)p.q, (const T*)p.k, (const T*)p.v, (T*)p.o, p.lse, p.B, p.H,
+                                             p.Sq, p.Skv, p.scale, p.causal);
+  return 0;
+}
+
+template <typename T>
+int dispatch(const MQAParams& p) {
+  // p.num_splits is unused by a prefill kernel; values > 0 pick experimental tile shapes
+  // (scripts/dev_flash.py times them); 0 is the default chosen from those timings.
+  if (p.D == 128) return launch<T, 128, 64, false>(p);
+  if (p.D == 64) {
+    if (p.num_splits == 2) return launch<T, 64, 128, false>(p);
+    return launch<T, 64, 64, true>(p);
+  }
+  return FASTMQA_UNSUPPORTED;
+}
+
+}  // namespace
+
+int fastmqa_k06_flash_mma(const MQAParams& p) {
+  if (p.dtype == FASTMQA_BF16) return dispatch<__nv_bfloat16>(p);
+  if (p.dtype == FASTMQA_FP16) return dispatch<__half>(p);
+  return FASTMQA_UNSUPPORTED;
+}
