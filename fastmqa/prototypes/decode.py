@@ -1,0 +1,174 @@
+"""Chapter 08 prototype: split-KV decoding (Flash-Decoding) over a ragged MQA KV cache.
+
+The algorithm of kernels/10_decode.cu in float32, without tensor cores, in two numba.cuda
+kernels (simulator-friendly at tiny sizes):
+
+* `decode_partial_kernel`: block (s, b) owns split s of sequence b's keys, and its threads are
+  the M = H * Sq query rows of sequence b (row = h * Sq + i, the order of q[b]). The threads load
+  each K/V tile into shared memory together, so one tile read serves every head. Each thread
+  runs the online softmax over its split's tiles and writes a *normalised* partial output
+  o_s = sum_j p_j v_j / l_s and its log-sum-exp lse_s = m_s + log(l_s) (-inf for a split that
+  saw no key: an empty chunk, or a row that is causally masked there).
+* `decode_combine_kernel`: one thread per (b, row) merges the splits:
+  lse = log(sum_s exp(lse_s)),  o = sum_s exp(lse_s - lse) o_s.
+
+Sequence b's keys [0, seqlens[b]) are cut into `num_splits` chunks of whole tiles, as the
+CUDA kernel does: chunk = ceil(ceil(len / num_splits) / TILE) * TILE, split s covers
+[s * chunk, (s + 1) * chunk) clipped to len; trailing splits of a short sequence are empty.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numba import float32
+
+from .. import sim, validate
+from ._common import prepare, to_device
+
+# numba's simulator swaps the module-global `cuda` while it runs a kernel, so the
+# switch (fastmqa.sim) is thrown before this import and `cuda` must be a global here.
+cuda = sim.cuda()
+
+TILE = 4     # keys per K/V tile (the CUDA kernel uses 64; small here so tiny caches span tiles)
+DMAX = 128   # largest head dim (shared and local arrays need a constant size)
+
+
+def split_range(length, num_splits, s):
+    """Keys [k0, k1) of split s of a sequence of `length` keys (the kernel's rule)."""
+    per_split = (length + num_splits - 1) // num_splits
+    chunk = (per_split + TILE - 1) // TILE * TILE
+    k0 = min(length, s * chunk)
+    return k0, min(length, k0 + chunk)
+
+
+_split_range = cuda.jit(device=True)(split_range)
+
+
+@cuda.jit
+def decode_partial_kernel(q, k, v, lens, part_o, part_lse, scale, causal):
+    # q (B, H, Sq, D); k, v (B, Smax, D); lens (B,); part_o (S, B, M, D); part_lse (S, B, M)
+    Ks = cuda.shared.array((TILE, DMAX), float32)
+    Vs = cuda.shared.array((TILE, DMAX), float32)
+    acc = cuda.local.array(DMAX, float32)
+    B, H, Sq, D = q.shape
+    n_splits = part_o.shape[0]
+    s, b, r = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+    M = H * Sq
+    h, i = r // Sq, r % Sq
+    L = lens[b]
+    k0, k1 = _split_range(L, n_splits, s)
+    j_end = min(k1, i + L - Sq + 1) if causal else k1   # this row sees keys [k0, j_end)
+    m = -math.inf
+    l = 0.0
+    for d in range(D):
+        acc[d] = 0.0
+    for n0 in range(k0, k1, TILE):
+        for e in range(r, TILE * D, M):          # all rows (= all heads) load the tile together
+            jj, d = e // D, e % D
+            inside = n0 + jj < k1
+            Ks[jj, d] = k[b, n0 + jj, d] if inside else 0.0
+            Vs[jj, d] = v[b, n0 + jj, d] if inside else 0.0
+        cuda.syncthreads()
+        m_new = m
+        for jj in range(min(TILE, j_end - n0)):
+            dot = 0.0
+            for d in range(D):
+                dot += q[b, h, i, d] * Ks[jj, d]
+            m_new = max(m_new, dot * scale)
+        if m_new > -math.inf:                     # else this row has seen no key yet
+            alpha = math.exp(m - m_new)
+            l *= alpha
+            for d in range(D):
+                acc[d] *= alpha
+            for jj in range(min(TILE, j_end - n0)):
+                dot = 0.0
+                for d in range(D):
+                    dot += q[b, h, i, d] * Ks[jj, d]
+                p = math.exp(dot * scale - m_new)
+                l += p
+                for d in range(D):
+                    acc[d] += p * Vs[jj, d]
+            m = m_new
+        cuda.syncthreads()                        # before the next tile overwrites Ks, Vs
+    inv = 1.0 / l if l > 0.0 else 0.0
+    for d in range(D):
+        part_o[s, b, r, d] = acc[d] * inv
+    part_lse[s, b, r] = m + math.log(l) if l > 0.0 else -math.inf
+
+
+@cuda.jit
+def decode_combine_kernel(part_o, part_lse, o, lse):
+    # part_o (S, B, M, D), part_lse (S, B, M) -> o (B, M, D), lse (B, M)
+    n_splits, B, M, D = part_o.shape
+    t = cuda.grid(1)
+    if t >= B * M:
+        return
+    b, r = t // M, t % M
+    mx = -math.inf
+    for s in range(n_splits):
+        mx = max(mx, part_lse[s, b, r])
+    for d in range(D):
+        o[b, r, d] = 0.0
+    if mx == -math.inf:                           # no split saw a key: zeros, lse = -inf
+        lse[b, r] = -math.inf
+        return
+    total = 0.0
+    for s in range(n_splits):
+        w = math.exp(part_lse[s, b, r] - mx)      # exp(-inf) = 0 for empty splits
+        total += w
+        for d in range(D):
+            o[b, r, d] += w * part_o[s, b, r, d]
+    for d in range(D):
+        o[b, r, d] /= total
+    lse[b, r] = mx + math.log(total)
+
+
+def combine_partials(part_o, part_lse):
+    """The combine step in numpy (float64), for reading alongside the kernel."""
+    part_o, part_lse = np.asarray(part_o, np.float64), np.asarray(part_lse, np.float64)
+    mx = part_lse.max(axis=0)
+    safe = np.where(np.isfinite(mx), mx, 0.0)
+    w = np.exp(part_lse - safe)                   # (S, B, M)
+    total = w.sum(axis=0)
+    o = (w[..., None] * part_o).sum(axis=0) / np.where(total > 0, total, 1.0)[..., None]
+    with np.errstate(divide="ignore"):
+        lse = np.where(total > 0, safe + np.log(total), -np.inf)
+    return o, lse
+
+
+def mqa_decode_splitkv(q, k, v, causal=False, scale=None, seqlens=None, num_splits=2, return_lse=False,
+                       return_partials=False, cache_seqlens=None):
+    """Run the prototype. q (B, H, Sq, D) float32; k, v (B, 1, Smax, D) or (B, Smax, D);
+    seqlens (or cache_seqlens) (B,) int32 valid lengths, None = Smax for all.
+
+    Returns out (B, H, Sq, D); with return_lse also lse (B, H, Sq); with return_partials also
+    the workspace (part_o (S, B, H*Sq, D), part_lse (S, B, H*Sq)) as numpy arrays."""
+    seqlens = cache_seqlens if seqlens is None else seqlens
+    qn, kn, vn, scale, (B, H, Sq, Skv, D) = prepare(q, k, v, scale)
+    if D > DMAX:
+        raise ValueError(f"the prototype handles head dims up to {DMAX}, got D={D}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+    if seqlens is None:
+        lens = np.full(B, Skv, dtype=np.int32)
+    else:
+        validate.check_seqlens(seqlens, B, Skv, seqlens.device)
+        lens = seqlens.detach().cpu().numpy().astype(np.int32)
+    M = H * Sq
+    part_o = np.zeros((num_splits, B, M, D), np.float32)
+    part_lse = np.zeros((num_splits, B, M), np.float32)
+    o = np.zeros((B, M, D), np.float32)
+    lse = np.zeros((B, M), np.float32)
+    dq, dk, dv, dl, dpo, dpl, do, dlse = to_device(qn, kn, vn, lens, part_o, part_lse, o, lse)
+    if B and M:
+        decode_partial_kernel[(num_splits, B), M](dq, dk, dv, dl, dpo, dpl, np.float32(scale), bool(causal))
+        decode_combine_kernel[(B * M + 63) // 64, 64](dpo, dpl, do, dlse)
+    out = torch.from_numpy(do.copy_to_host().reshape(B, H, Sq, D)).to(q.device)
+    res = [out]
+    if return_lse:
+        res.append(torch.from_numpy(dlse.copy_to_host().reshape(B, H, Sq)).to(q.device))
+    if return_partials:
+        res.append((dpo.copy_to_host(), dpl.copy_to_host()))
+    return res[0] if len(res) == 1 else tuple(res)
