@@ -35,6 +35,8 @@ SUITES = ("fp32", "prefill", "decode", "layer")
 SEED_SHAPE = dict(B=4, H=32, S=512, D=128)  # the original project's fp32 shape
 L4_REFERENCE_MS = {"01_naive": 491.0, "02_smem_tiled": 220.0, "03_warp_shuffle": 45.0, "04_cublas": 10.0,
                    "torch": 1.7}  # the original project, NVIDIA L4: another GPU, for context only
+OTHER_GPU = {"device": "NVIDIA L4", "source": "the original FastMQA project's README (fp32, B=4, H=32, S=512, D=128)",
+             "ms": L4_REFERENCE_MS}
 ROW_KEYS = ("impl", "kind", "dtype", "B", "H", "Sq", "Skv", "D", "causal", "ms")
 
 
@@ -347,6 +349,8 @@ def run_suite(suite, quick=False, results_dir=None, timer=None, ceilings=None):
         from .bench_layer import suite_layer
         rows, skipped = suite_layer(timer, quick=quick)
     data = {"suite": suite, **environment(), "ceilings": ceilings, "quick": quick, "rows": rows, "skipped": skipped}
+    if suite == "fp32":
+        data["other_gpu"] = OTHER_GPU
     return write_results(suite, data, results_dir)
 
 

@@ -1,0 +1,84 @@
+"""The results chapter: regenerated from results/*.json only, and every number traceable."""
+import itertools
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from fastmqa import bench, report
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITES = [s for s in bench.SUITES if (ROOT / "results" / f"{s}.json").exists()]
+
+
+def _numbers(obj):
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_results_schema(suite):
+    bench.validate_results(json.loads((ROOT / "results" / f"{suite}.json").read_text()))
+
+
+def test_schema_rejects_bad_rows():
+    good = {"suite": "x", "device": "d", "torch": "t", "cuda": "c", "date": "now",
+            "ceilings": {"copy_gbps": 1.0, "bf16_tflops": 1.0, "fp32_tflops": 1.0},
+            "rows": [dict(impl="a", kind="prefill", dtype="float32", B=1, H=1, Sq=1, Skv=1, D=64, causal=False, ms=1.0, tflops=1.0)]}
+    bench.validate_results(good)
+    bad = json.loads(json.dumps(good))
+    bad["rows"][0]["ms"] = -1
+    with pytest.raises(ValueError, match="ms=-1"):
+        bench.validate_results(bad)
+    bad = json.loads(json.dumps(good))
+    del bad["ceilings"]["copy_gbps"]
+    with pytest.raises(ValueError, match="copy_gbps"):
+        bench.validate_results(bad)
+
+
+def test_chapter_regenerates_identically(tmp_path):
+    if not (ROOT / "book" / "results.md").exists():
+        pytest.skip("book/results.md not generated yet")
+    for p in report.generate(tmp_path):
+        rel = p.relative_to(tmp_path)
+        assert (ROOT / "book" / rel).read_text() == p.read_text(), f"book/{rel} is not what results/*.json gives"
+
+
+def test_every_number_in_the_chapter_is_in_the_json():
+    page = ROOT / "book" / "results.md"
+    if not page.exists():
+        pytest.skip("book/results.md not generated yet")
+    text = page.read_text()
+    allowed, ratios = set(), set()
+    for suite in SUITES:
+        data = json.loads((ROOT / "results" / f"{suite}.json").read_text())
+        for s in ("device", "torch", "cuda", "date"):
+            text = text.replace(str(data[s]), "")
+        vals = list(_numbers(data))
+        allowed |= {str(v) for v in vals} | {report.ms(v) for v in vals}
+        times = sorted({r["ms"] for r in data["rows"]} | set(data.get("other_gpu", {}).get("ms", {}).values()))
+        ratios |= {f"{a / b:.2f}" for a, b in itertools.permutations(times, 2)} | {"1.00"}
+    checked = 0
+    for line in text.splitlines():
+        if not line.startswith("|") or set(line) <= set("|-"):
+            continue
+        for cell in line.strip("|").split("|")[1:]:
+            cell = cell.strip()
+            if cell in ("-", "True", "False") or cell.startswith("`") or cell.startswith("S="):
+                continue
+            if cell.endswith("×"):
+                assert cell[:-1] in ratios, f"ratio {cell} is not a ratio of two times in results/*.json"
+            else:
+                assert re.fullmatch(r"[0-9.e+-]+", cell), f"unexpected cell {cell!r}"
+                assert cell in allowed, f"number {cell} in book/results.md is not in results/*.json"
+            checked += 1
+    assert checked > 0
