@@ -66,6 +66,10 @@ def _lse_dtype(dtype):
 
 def _reference_fwd(q, k, v, causal, scale):
     """Reference forward with lse; fp16/bf16 are computed in fp32 and rounded once."""
+    if k.shape[1] == 0:  # nothing to attend to: the documented fully-masked result
+        B, H, Sq, _ = q.shape
+        return torch.zeros_like(q, memory_format=torch.contiguous_format), \
+            torch.full((B, H, Sq), float("-inf"), dtype=_lse_dtype(q.dtype), device=q.device)
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     out, lse = attention_ref(q.to(work), k.to(work), v.to(work), causal=causal, scale=scale, return_lse=True)
     return out.to(q.dtype).contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
