@@ -136,6 +136,15 @@ REGISTRY: list[Kernel] = [
     # --- fp32 chapters: naive -> shared memory -> warp primitives -> cuBLAS -------------
     Kernel("01_naive", "naive: one thread per (b, h, i) query row", "prefill", "01_naive.cu",
            "02_naive", prototype="fastmqa.prototypes.naive:mqa_naive", suites=("fp32",)),
+    Kernel("02_smem_tiled", "shared memory: one K/V tile serves every head of the block", "prefill",
+           "02_smem_tiled.cu", "03_smem", returns_lse=True,
+           prototype="fastmqa.prototypes.smem_tiled:mqa_smem_tiled", suites=("fp32",)),
+    Kernel("03_warp_shuffle", "warp primitives: a warp per query row, shuffle reductions", "prefill",
+           "03_warp_shuffle.cu", "04_warp", returns_lse=True,
+           prototype="fastmqa.prototypes.warp_shuffle:mqa_warp_shuffle", suites=("fp32",)),
+    Kernel("04_cublas", "cuBLAS: heads folded into M, two strided-batched SGEMMs + softmax", "prefill",
+           "04_cublas.cu", "05_cublas", uses_cublas=True, workspace=_scores_bytes, returns_lse=True,
+           prototype="fastmqa.prototypes.cublas:mqa_cublas", suites=("fp32",)),
     # --- fused online softmax and tensor cores -------------------------------------------
     Kernel("05_flash_fp32", "fused online softmax, fp32 CUDA cores; one K/V tile serves all heads",
            "prefill", "05_flash_fp32.cu", "06_flash_fp32", returns_lse=True,
