@@ -127,22 +127,19 @@ class _Attention(nn.Module):
                                               enable_gqa=k.shape[1] != q.shape[1])
 
     @classmethod
-    def _from_weights(cls, mha, kv_heads, kv_init, **kw):
+    def _from_weights(cls, mha, groups, kv_init, **kw):
+        """A layer of this class with mha's Q and O weights and its K/V heads pooled into `groups`."""
         w = _mha_weights(mha)
         H = w["num_heads"]
-        hidden = w["q_weight"].shape[1]
-        layer = cls(hidden, H, **kw)
-        bias = layer.q_proj.bias is not None
-        if bias != (w["q_bias"] is not None):
-            raise ValueError(f"the source has {'no ' if w['q_bias'] is None else ''}biases; build the layer "
-                             f"with bias={w['q_bias'] is not None}")
+        bias = w["q_bias"] is not None
+        layer = cls(w["q_weight"].shape[1], H, bias=bias, **kw)
         with torch.no_grad():
             for name, proj, pool in (("q", layer.q_proj, False), ("k", layer.k_proj, True),
                                      ("v", layer.v_proj, True), ("o", layer.out_proj, False)):
                 src_w, src_b = w[f"{name}_weight"], w[f"{name}_bias"]
-                proj.weight.copy_(pool_kv_heads(src_w, H, kv_heads, kv_init) if pool else src_w)
+                proj.weight.copy_(pool_kv_heads(src_w, H, groups, kv_init) if pool else src_w)
                 if bias:
-                    proj.bias.copy_(pool_kv_heads(src_b, H, kv_heads, kv_init) if pool else src_b)
+                    proj.bias.copy_(pool_kv_heads(src_b, H, groups, kv_init) if pool else src_b)
         return layer.to(device=w["q_weight"].device, dtype=w["q_weight"].dtype)
 
 
@@ -174,9 +171,7 @@ class FastMQALayer(_Attention):
     def from_mha(cls, mha, kv_init="mean", use_flash=True, causal=False, dropout=0.0):
         """Convert MHA weights (an nn.MultiheadAttention, or a dict with num_heads, q/k/v/o_weight
         and optional q/k/v/o_bias) to MQA by pooling the H K/V heads into one (`kv_init`)."""
-        w = _mha_weights(mha)
-        return cls._from_weights(w, 1, kv_init, use_flash=use_flash, causal=causal, dropout=dropout,
-                                 bias=w["q_bias"] is not None)
+        return cls._from_weights(mha, 1, kv_init, use_flash=use_flash, causal=causal, dropout=dropout)
 
     def extra_repr(self):
         return (f"hidden_dim={self.hidden_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
@@ -202,9 +197,7 @@ class GQALayer(_Attention):
     @classmethod
     def from_mha(cls, mha, kv_heads, kv_init="mean", causal=False, dropout=0.0):
         """MHA weights -> G K/V heads, pooling each group of H/G heads (`pool_kv_heads`)."""
-        w = _mha_weights(mha)
-        return cls._from_weights(w, kv_heads, kv_init, kv_heads=kv_heads, causal=causal, dropout=dropout,
-                                 bias=w["q_bias"] is not None)
+        return cls._from_weights(mha, kv_heads, kv_init, kv_heads=kv_heads, causal=causal, dropout=dropout)
 
     def extra_repr(self):
         return (f"hidden_dim={self.hidden_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "

@@ -28,21 +28,22 @@ from .layers import check_input, head_dim_of
 from .ops import mqa_attention
 
 
-def rope_angles(positions, dim, base=10000.0):
+def rope_angles(positions, dim, base=10000.0, dtype=torch.float32):
     """cos, sin of shape positions.shape + (dim/2,) for rotary embeddings (RoFormer)."""
-    inv_freq = base ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
-    ang = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    inv_freq = base ** (-torch.arange(0, dim, 2, device=positions.device, dtype=dtype) / dim)
+    ang = positions.to(dtype).unsqueeze(-1) * inv_freq
     return ang.cos(), ang.sin()
 
 
 def apply_rope(x, positions, base=10000.0):
     """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x (..., S, d) by position; positions must
-    broadcast to x.shape[:-1]. Computed in fp32, returned in x's dtype."""
+    broadcast to x.shape[:-1]. Computed in fp32 (fp64 for fp64), returned in x's dtype."""
     d = x.shape[-1]
     if d == 0:
         return x
-    cos, sin = rope_angles(positions, d, base)
-    x1, x2 = x.float().chunk(2, dim=-1)
+    work = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = rope_angles(positions, d, base, work)
+    x1, x2 = x.to(work).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
