@@ -18,8 +18,9 @@
 
 namespace {
 
-constexpr int BM = 128, BN = 64, NT = 256;
-constexpr int TR = 8, TC = 4;  // per thread: rows rg + 16 r (r < 8), keys cg + 16 c (c < 4)
+constexpr int BM = 128, BN = 64, TC = 4;
+// TR rows per thread: NT = 16 * BM / TR threads; thread (rg, cg) = (tid / 16, tid % 16) owns
+// rows rg + RG r (r < TR, RG = BM / TR row groups) and keys cg + 16 c (c < 4) of the score tile.
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
   unsigned s = (unsigned)__cvta_generic_to_shared(smem);
@@ -40,7 +41,7 @@ template <int D> struct Smem {
 
 // A (rows, D) tile of fp32 rows into shared memory, 16 bytes per cp.async; rows past
 // `nrows` are zero-filled (so masked keys multiply zeros, never uninitialised memory).
-template <int D, int ROWS>
+template <int D, int ROWS, int NT>
 __device__ __forceinline__ void load_kv_tile(float* dst, int ld, const float* src, int j0, int Skv, int tid) {
   constexpr int CH = D / 4;
   static_assert(ROWS * CH % NT == 0, "the tile splits evenly over the threads");
@@ -52,8 +53,8 @@ __device__ __forceinline__ void load_kv_tile(float* dst, int ld, const float* sr
   }
 }
 
-template <int D>
-__global__ void __launch_bounds__(NT, D == 64 ? 2 : 1)
+template <int D, int TR, bool EXP2>
+__global__ void __launch_bounds__(16 * BM / TR, D == 64 && TR == 8 ? 2 : 1)
 mqa_flash_fp32_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
                       const float* __restrict__ k,   // (B, Skv, D)
                       const float* __restrict__ v,   // (B, Skv, D)
@@ -61,6 +62,7 @@ mqa_flash_fp32_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
                       float* __restrict__ lse,       // (B, H, Sq) or nullptr
                       int B, int H, int Sq, int Skv, float scale, int causal) {
   using L = Smem<D>;
+  constexpr int NT = 16 * BM / TR, RG = BM / TR;
   constexpr int U = D / 64;  // output columns per thread: cg * 4 + 64 u + e, u < U, e < 4
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
@@ -92,7 +94,7 @@ mqa_flash_fp32_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
       cp_async16(Qs + r * L::QLD + c * 4, q + (((size_t)b * H + h) * Sq + i) * D + c * 4, in);
     }
   }
-  if (n_tiles > 0) load_kv_tile<D, BN>(Ks, L::KLD, kb, 0, Skv, tid);
+  if (n_tiles > 0) load_kv_tile<D, BN, NT>(Ks, L::KLD, kb, 0, Skv, tid);
   cp_async_commit();
 
   float acc[TR][U][4];
@@ -110,7 +112,7 @@ mqa_flash_fp32_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
     const int n0 = t * BN;
     cp_async_wait_all();
     __syncthreads();  // K[t] is in; every thread is done with P V of tile t-1 (Vs, Ps free)
-    load_kv_tile<D, BN>(Vs, L::VLD, vb, n0, Skv, tid);
+    load_kv_tile<D, BN, NT>(Vs, L::VLD, vb, n0, Skv, tid);
     cp_async_commit();
 
     // S = Q K^T: 8 x 4 scores per thread, D-long dot products from float4 reads.
@@ -123,7 +125,7 @@ mqa_flash_fp32_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
     for (int d = 0; d < D; d += 4) {
       float4 qf[TR], kf[TC];
 #pragma unroll
-      for (int r = 0; r < TR; ++r) qf[r] = *reinterpret_cast<const float4*>(Qs + (rg + 16 * r) * L::QLD + d);
+      for (int r = 0; r < TR; ++r) qf[r] = *reinterpret_cast<const float4*>(Qs + (rg + RG * r) * L::QLD + d);
 #pragma unroll
       for (int c = 0; c < TC; ++c) kf[c] = *reinterpret_cast<const float4*>(Ks + (cg + 16 * c) * L::KLD + d);
 #pragma unroll
@@ -141,14 +143,17 @@ mqa_flash_fp32_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
     // over 8, 4, 2, 1 give every one of them the row max. The row sum l stays per thread
     // (a partial over its own keys) and is reduced once, after the last tile.
     const bool need_mask = t >= mask_from;
+    // EXP2: scores stay raw and exp(scale (s - m)) = exp2(s * scale_log2 - m * scale_log2), one
+    // FFMA and one MUFU.EX2; else s is scaled first and expf (a few more instructions) is used.
+    const float scale_log2 = scale * 1.4426950408889634f;
 #pragma unroll
     for (int r = 0; r < TR; ++r) {
       float mt = -INFINITY;
       // The last key row r may see (recomputed here, on masked tiles only, to save registers).
-      const int jlim = need_mask ? (causal ? min(m0 + rg + 16 * r, rows - 1) / H + off : Skv - 1) : 0;
+      const int jlim = need_mask ? (causal ? min(m0 + rg + RG * r, rows - 1) / H + off : Skv - 1) : 0;
 #pragma unroll
       for (int c = 0; c < TC; ++c) {
-        float x = s[r][c] * scale;
+        float x = EXP2 ? s[r][c] : s[r][c] * scale;
         if (need_mask && (n0 + cg + 16 * c > jlim || n0 + cg + 16 * c >= Skv)) x = -INFINITY;
         s[r][c] = x;
         mt = fmaxf(mt, x);
@@ -156,13 +161,13 @@ mqa_flash_fp32_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
 #pragma unroll
       for (int w = 8; w >= 1; w >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, w));
       const float m_new = fmaxf(m[r], mt);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet: p = 0
-      const float alpha = expf(m[r] - m_use);
+      const float m_use = m_new == -INFINITY ? 0.f : (EXP2 ? m_new * scale_log2 : m_new);  // no key yet: p = 0
+      const float alpha = EXP2 ? exp2f(m[r] * scale_log2 - m_use) : expf(m[r] - m_use);
       float ls = 0.f;
 #pragma unroll
       for (int c = 0; c < TC; ++c) {
-        float p = expf(s[r][c] - m_use);
-        Ps[(rg + 16 * r) * L::PLD + cg + 16 * c] = p;
+        float p = EXP2 ? exp2f(fmaf(s[r][c], scale_log2, -m_use)) : expf(s[r][c] - m_use);
+        Ps[(rg + RG * r) * L::PLD + cg + 16 * c] = p;
         ls += p;
       }
       l[r] = l[r] * alpha + ls;
@@ -175,7 +180,7 @@ mqa_flash_fp32_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
 
     cp_async_wait_all();
     __syncthreads();  // V[t] is in, P is complete, and every thread is done reading Ks
-    if (t + 1 < n_tiles) load_kv_tile<D, BN>(Ks, L::KLD, kb, n0 + BN, Skv, tid);
+    if (t + 1 < n_tiles) load_kv_tile<D, BN, NT>(Ks, L::KLD, kb, n0 + BN, Skv, tid);
     cp_async_commit();
 
     // O += P V: per 4 keys, 8 float4 of P (this thread's rows) and U float4 of V per key.
@@ -183,7 +188,7 @@ mqa_flash_fp32_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
     for (int jj = 0; jj < BN; jj += 4) {
       float4 pf[TR];
 #pragma unroll
-      for (int r = 0; r < TR; ++r) pf[r] = *reinterpret_cast<const float4*>(Ps + (rg + 16 * r) * L::PLD + jj);
+      for (int r = 0; r < TR; ++r) pf[r] = *reinterpret_cast<const float4*>(Ps + (rg + RG * r) * L::PLD + jj);
 #pragma unroll
       for (int x = 0; x < 4; ++x) {
         float4 vf[U];
@@ -211,7 +216,7 @@ mqa_flash_fp32_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
     float lr = l[r];
 #pragma unroll
     for (int w = 8; w >= 1; w >>= 1) lr += __shfl_xor_sync(0xffffffffu, lr, w);
-    const int row = m0 + rg + 16 * r;
+    const int row = m0 + rg + RG * r;
     if (row >= rows) continue;
     const int i = row / H, h = row % H;
     const size_t base = (((size_t)b * H + h) * Sq + i);
@@ -225,14 +230,15 @@ mqa_flash_fp32_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
       val.w = lr > 0.f ? acc[r][u][3] / lr : 0.f;
       *reinterpret_cast<float4*>(orow + cg * 4 + 64 * u) = val;
     }
-    if (lse && cg == 0) lse[base] = lr > 0.f ? (m[r] + logf(lr)) : -INFINITY;
+    if (lse && cg == 0) lse[base] = lr > 0.f ? ((EXP2 ? m[r] * scale : m[r]) + logf(lr)) : -INFINITY;
   }
 }
 
-template <int D>
+template <int D, int TR, bool EXP2>
 int launch(const MQAParams& p) {
   constexpr size_t bytes = Smem<D>::BYTES;
-  auto kern = mqa_flash_fp32_kernel<D>;
+  constexpr int NT = 16 * BM / TR;
+  auto kern = mqa_flash_fp32_kernel<D, TR, EXP2>;
   if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes) != cudaSuccess)
     return FASTMQA_UNSUPPORTED;
   const int nmb = (p.H * p.Sq + BM - 1) / BM;
@@ -241,11 +247,23 @@ int launch(const MQAParams& p) {
   return 0;
 }
 
+template <int D>
+int dispatch(const MQAParams& p) {
+  // p.num_splits is unused by a prefill kernel; 1..4 pick experimental variants (rows per
+  // thread 8 or 4, expf or exp2f; scripts/dev_flash.py times them); 0 is the default.
+  switch (p.num_splits) {
+    case 2: return launch<D, 4, false>(p);
+    case 3: return launch<D, 8, true>(p);
+    case 4: return launch<D, 4, true>(p);
+    default: return launch<D, 8, false>(p);
+  }
+}
+
 }  // namespace
 
 int fastmqa_k05_flash_fp32(const MQAParams& p) {
   if (p.dtype != FASTMQA_FP32) return FASTMQA_UNSUPPORTED;
-  if (p.D == 64) return launch<64>(p);
-  if (p.D == 128) return launch<128>(p);
+  if (p.D == 64) return dispatch<64>(p);
+  if (p.D == 128) return dispatch<128>(p);
   return FASTMQA_UNSUPPORTED;
 }

@@ -36,6 +36,7 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool p
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -99,50 +100,68 @@ struct Cfg {
   static constexpr int SMEM = Q_BYTES + 4 * KV_BYTES;  // Q, K[2], V[2]
 };
 
-template <typename T, int D, int BN, bool Q_IN_REGS>
-__global__ void __launch_bounds__(NT, 2)
+// Packed rows of one batch b: row = ((c * H) + h) * P + i_lo with query i = c * P + i_lo, so a
+// block of BM rows holds runs of P consecutive queries of each of BM / P heads (P = 1: every
+// head of BM / H queries). Rows with i >= Sq are padding. Returns the number of rows per batch.
+__device__ __forceinline__ int packed_rows(int H, int Sq, int lgP) { return ((Sq + (1 << lgP) - 1) >> lgP) * H << lgP; }
+__device__ __forceinline__ void unpack_row(int row, int H, int lgP, int& h, int& i) {
+  int rest = row >> lgP;
+  h = rest % H;
+  i = ((rest / H) << lgP) + (row & ((1 << lgP) - 1));
+}
+
+template <typename T, int D, int BN, bool Q_IN_REGS, int MINB>
+__global__ void __launch_bounds__(NT, MINB)
 mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D)
                      const T* __restrict__ k,   // (B, Skv, D)
                      const T* __restrict__ v,   // (B, Skv, D)
                      T* __restrict__ o,         // (B, H, Sq, D)
                      float* __restrict__ lse,   // (B, H, Sq) or nullptr
-                     int B, int H, int Sq, int Skv, float scale, int causal) {
+                     int B, int H, int Sq, int Skv, float scale, int causal, int lgP) {
   using C = Cfg<T, D, BN, Q_IN_REGS>;
   extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int row_q[BM];  // element offset of tile row r in q and o, or -1 for a padding row
+  __shared__ int row_i[BM];  // its query position i
   const uint32_t sQ = smem_u32(smem);
   const uint32_t sK0 = sQ + C::Q_BYTES, sV0 = sK0 + 2 * C::KV_BYTES;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, tq = lane & 3;  // mma fragment coordinates: row group, thread in quad
-  const int nmb = (H * Sq + BM - 1) / BM;
+  const int nmb = (packed_rows(H, Sq, lgP) + BM - 1) / BM;
   const int mb = nmb - 1 - (int)(blockIdx.x / B);  // the blocks with the most keys go first
   const int b = blockIdx.x % B;
-  const int m0 = mb * BM, rows = H * Sq, off = Skv - Sq;
+  const int m0 = mb * BM, off = Skv - Sq;
   const T* kb = k + (size_t)b * Skv * D;
   const T* vb = v + (size_t)b * Skv * D;
 
-  const int i_first = m0 / H, i_last = min(Sq - 1, (m0 + BM - 1) / H);
+  // Bounds on the queries of the block (the first and last run of P queries it touches).
+  const int i_first = ((m0 >> lgP) / H) << lgP;
+  const int i_last = min(Sq - 1, ((((m0 + BM - 1) >> lgP) / H) << lgP) + (1 << lgP) - 1);
   const int kv_end = causal ? min(Skv, max(0, i_last + off + 1)) : Skv;
   const int n_tiles = (kv_end + BN - 1) / BN;
   const int mask_from = causal ? min(Skv / BN, max(0, i_first + off + 1) / BN) : Skv / BN;
 
-  // Q tile: tile row r is packed row m0 + r = i * H + h of batch b.
+  // K and V of the first tile start loading at once; Q after its row table is built.
+  if (n_tiles > 0) load_kv<D, BN>(sK0, kb, 0, Skv, tid);
+  {
+    int h, i;
+    unpack_row(m0 + tid, H, lgP, h, i);  // NT == BM: one row per thread
+    row_q[tid] = i < Sq ? (int)((((size_t)b * H + h) * Sq + i) * D) : -1;
+    row_i[tid] = i;
+  }
+  __syncthreads();
   {
     constexpr int CH = D / 8;
     const int c = tid % CH;
 #pragma unroll
     for (int it = 0; it < BM * CH / NT; ++it) {
-      int r = tid / CH + it * (NT / CH), row = m0 + r;
-      bool in = row < rows;
-      int i = in ? row / H : 0, h = in ? row % H : 0;
-      cp_async16(sQ + swz<D>(r, c), q + (((size_t)b * H + h) * Sq + i) * D + c * 8, in);
+      const int r = tid / CH + it * (NT / CH), base = row_q[r];
+      cp_async16(sQ + swz<D>(r, c), q + max(base, 0) + c * 8, base >= 0);
     }
   }
-  if (n_tiles > 0) {
-    load_kv<D, BN>(sK0, kb, 0, Skv, tid);
-    load_kv<D, BN>(sV0, vb, 0, Skv, tid);
-  }
-  cp_async_commit();
+  cp_async_commit();  // group: K[0] and Q
+  if (n_tiles > 0) load_kv<D, BN>(sV0, vb, 0, Skv, tid);
+  cp_async_commit();  // group: V[0], waited for only before the first P V
 
   // This thread's 4 rows: warp * 32 + mt * 16 + g + 8 * hf; the last key each may see.
   int jlim[WM][2];
@@ -150,8 +169,8 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D)
   for (int mt = 0; mt < WM; ++mt)
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      int row = min(m0 + warp * 32 + mt * 16 + g + 8 * hf, rows - 1);
-      jlim[mt][hf] = causal ? min(Skv - 1, row / H + off) : Skv - 1;
+      const int i = min(row_i[warp * 32 + mt * 16 + g + 8 * hf], Sq - 1);
+      jlim[mt][hf] = causal ? min(Skv - 1, i + off) : Skv - 1;
     }
 
   const float scale_log2 = scale * 1.4426950408889634f;  // exp(x * scale) = exp2(x * scale_log2)
@@ -195,8 +214,9 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D)
   for (int t = 0; t < n_tiles; ++t) {
     const int n0 = t * BN;
     const uint32_t sK = sK0 + (t & 1) * C::KV_BYTES, sV = sV0 + (t & 1) * C::KV_BYTES;
-    cp_async_wait_all();
-    __syncthreads();  // tile t (and Q) landed; every warp is done with tile t-1's buffers
+    if (t == 0) cp_async_wait_1();  // Q and K[0] (V[0] may still be in flight)
+    else cp_async_wait_all();
+    __syncthreads();  // K and V of tile t landed; every warp is done with tile t-1's buffers
     if (t + 1 < n_tiles) {
       const uint32_t nb = ((t + 1) & 1) * C::KV_BYTES;
       load_kv<D, BN>(sK0 + nb, kb, n0 + BN, Skv, tid);
@@ -295,6 +315,10 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D)
       }
     }
 
+    if (t == 0) {  // V[0]: the group before the one just committed
+      cp_async_wait_1();
+      __syncthreads();
+    }
     // O += P V on tensor cores; V's B fragments come from ldmatrix.trans of the row-major tile.
 #pragma unroll
     for (int kk = 0; kk < C::KP; ++kk) {
@@ -330,9 +354,8 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D)
         uint32_t val = Mma<T>::pack(acc_o[mt][n][2 * hf] * inv, acc_o[mt][n][2 * hf + 1] * inv);
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sQ + swz<D>(r, n) + tq * 4), "r"(val));
       }
-      const int row = m0 + r;
-      if (lse && tq == 0 && row < rows)
-        lse[((size_t)b * H + row % H) * Sq + row / H] = l > 0.f ? m_run[mt][hf] * scale + logf(l) : -INFINITY;
+      const int base = row_q[r];
+      if (lse && tq == 0 && base >= 0) lse[base / D] = l > 0.f ? m_run[mt][hf] * scale + logf(l) : -INFINITY;
     }
   __syncwarp();
   {
@@ -340,37 +363,46 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D)
     const int c = lane % CH;
 #pragma unroll
     for (int it = 0; it < CH; ++it) {
-      int r = warp * 32 + lane / CH + it * (32 / CH), row = m0 + r;
-      if (row < rows) {
+      const int r = warp * 32 + lane / CH + it * (32 / CH), base = row_q[r];
+      if (base >= 0) {
         uint4 val;
         asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
                      : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w) : "r"(sQ + swz<D>(r, c)));
-        *reinterpret_cast<uint4*>(o + (((size_t)b * H + row % H) * Sq + row / H) * D + c * 8) = val;
+        *reinterpret_cast<uint4*>(o + base + c * 8) = val;
       }
     }
   }
 }
 
-template <typename T, int D, int BN, bool QR>
-int launch(const MQAParams& p) {
+template <typename T, int D, int BN, bool QR, int MINB>
+int launch(const MQAParams& p, int lgP) {
   using C = Cfg<T, D, BN, QR>;
-  auto kern = mqa_flash_mma_kernel<T, D, BN, QR>;
+  auto kern = mqa_flash_mma_kernel<T, D, BN, QR, MINB>;
   if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM) != cudaSuccess)
     return FASTMQA_UNSUPPORTED;
-  const int nmb = (p.H * p.Sq + BM - 1) / BM;
+  const int P = 1 << lgP, rows = (p.Sq + P - 1) / P * p.H * P;
+  const int nmb = (rows + BM - 1) / BM;
   kern<<<nmb * p.B, NT, C::SMEM, p.stream>>>((const T*)p.q, (const T*)p.k, (const T*)p.v, (T*)p.o, p.lse, p.B, p.H,
-                                             p.Sq, p.Skv, p.scale, p.causal);
+                                             p.Sq, p.Skv, p.scale, p.causal, lgP);
   return 0;
 }
 
+constexpr int DEFAULT_LGP = 0;
+
 template <typename T>
 int dispatch(const MQAParams& p) {
-  // p.num_splits is unused by a prefill kernel; values > 0 pick experimental tile shapes
-  // (scripts/dev_flash.py times them); 0 is the default chosen from those timings.
-  if (p.D == 128) return launch<T, 128, 64, false>(p);
+  // p.num_splits is unused by a prefill kernel; 10 * (lgP + 1) + cfg picks an experimental
+  // configuration (scripts/dev_flash.py times them); 0 is the default, chosen from those timings.
+  const int v = p.num_splits, cfg = v % 10;
+  const int lgP = v >= 10 ? min(7, v / 10 - 1) : DEFAULT_LGP;
+  if (p.D == 128) return launch<T, 128, 64, false, 2>(p, lgP);
   if (p.D == 64) {
-    if (p.num_splits == 2) return launch<T, 64, 128, false>(p);
-    return launch<T, 64, 64, true>(p);
+    // 128-key tiles halve the per-tile softmax and barrier work; with a causal mask and short
+    // sequences 64-key tiles waste fewer masked keys on the diagonal.
+    const int c = cfg ? cfg : ((!p.causal || p.Skv >= 4096) ? 2 : 1);
+    if (c == 2) return launch<T, 64, 128, false, 2>(p, lgP);
+    if (c == 3) return launch<T, 64, 64, false, 3>(p, lgP);
+    return launch<T, 64, 64, true, 2>(p, lgP);
   }
   return FASTMQA_UNSUPPORTED;
 }
