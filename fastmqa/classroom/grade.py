@@ -103,11 +103,37 @@ class Report:
                 lines.append(f"      FAIL {c['name']}: {c['detail']}")
             if len(failed) > MAX_FAILURES_SHOWN:
                 lines.append(f"      ... and {len(failed) - MAX_FAILURES_SHOWN} more failing cases")
+            note = _diagnose(e.cases)
+            if note:
+                lines.append(f"      note: {note}")
             if failed and e.hint:
                 lines.append(f"      hint: {e.hint}")
         pct = 100.0 * self.score / self.possible if self.possible else 0.0
         lines.append(f"Total: {self.score:.2f} / {self.possible:g} ({pct:.0f}%)")
         return "\n".join(lines)
+
+
+def _diagnose(cases) -> str | None:
+    """A pattern across the failing cases that says more than each case alone."""
+    failed = [c for c in cases if not c["ok"]]
+    if not failed:
+        return None
+    notes = []
+    if all("causal=True" in c["name"] for c in failed) and any(
+            c["ok"] and "causal=False" in c["name"] for c in cases):
+        notes.append("every non-causal shape passes and only causal ones fail: the mask is wrong "
+                     "(bottom-right aligned: query i sees key j iff j <= i + Skv - Sq)")
+    if all(" Sq=" in c["name"] for c in cases):
+        same = [c for c in cases if _sq_eq_skv(c["name"])]
+        if same and all(c["ok"] for c in same) and all(not _sq_eq_skv(c["name"]) for c in failed):
+            notes.append("only shapes with Sq != Skv fail (a top-left aligned mask, j <= i, "
+                         "fails exactly these)")
+    return "; ".join(notes) or None
+
+
+def _sq_eq_skv(name) -> bool:
+    f = dict(kv.split("=") for kv in name.split() if "=" in kv)
+    return f.get("Sq") == f.get("Skv")
 
 
 def chapter_of(nb, path: Path) -> str:
