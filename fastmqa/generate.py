@@ -26,7 +26,7 @@ from torch import nn
 from . import memory
 from .layers import FastMQALayer, GQALayer, head_dim_of
 from .mla import MultiHeadLatentAttention
-from .ops import mqa_attention
+from .ops import mqa_attention, select_kernel
 from .reference import attention_ref
 
 KINDS = ("mha", "gqa", "mqa", "mla")
@@ -158,7 +158,8 @@ class LayerCache:
 
     def __init__(self, cache: KVCache, index: int):
         self.cache, self.index = cache, index
-        self.last_path = None        # which attention ran last: a kernel name, "sdpa", "reference", ...
+        self.last_path = None  # the attention that ran last: a decode kernel's name, "mqa_attention:<kernel
+        #                        or reference>", "sdpa" or "reference"
         self._prepared = {}
 
     @property
@@ -233,7 +234,8 @@ class LayerCache:
                 self.last_path = kern.name
                 return self._decode_kernel(kern, q, k, v, causal, scale)
             if L is not None:
-                self.last_path = "mqa_attention"
+                kern = select_kernel(q.dtype, D, causal, q.device.type)
+                self.last_path = f"mqa_attention:{kern.name if kern is not None else 'reference'}"
                 return mqa_attention(q, k[:, :L], v[:, :L], causal=causal, scale=scale)
         elif L is not None:
             self.last_path = "sdpa"

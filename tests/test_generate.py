@@ -68,7 +68,7 @@ def test_ragged_append_writes_each_sequence_at_its_length():
 
 def test_cached_attention_paths_on_cpu():
     torch.manual_seed(0)
-    for layer, path_uniform in ((FastMQALayer(32, 4, causal=True), "mqa_attention"),
+    for layer, path_uniform in ((FastMQALayer(32, 4, causal=True), "mqa_attention:reference"),
                                 (GQALayer(32, 4, 2, causal=True), "sdpa")):
         cache = KVCache.for_layer(layer, batch=2, max_seq_len=10)
         slot = cache.layer(0)
