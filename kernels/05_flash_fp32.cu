@@ -5,12 +5,12 @@
 // MQA has one K/V head, so every K/V tile brought into shared memory serves all of them,
 // and under a causal mask the rows of a block need almost the same keys (no wasted tiles).
 //
-// Per K/V tile of BN = 64 keys, 256 threads compute the (128, 64) score tile S = Q K^T in
-// registers (8 rows x 4 keys per thread, an SGEMM-style register tile), update the
-// running max m and sum l of each row (the online softmax: what was summed under the old
-// max is rescaled by exp(m_old - m_new)), write P = exp(S - m) to shared memory and
-// accumulate O += P V (8 rows x D/16 columns per thread). The scores never reach global
-// memory; the output is normalised by l once at the end.
+// Per K/V tile of BN = 64 keys, 256 (or 512) threads compute the (128, 64) score tile
+// S = Q K^T in registers (8 (or 4) rows x 4 keys per thread, an SGEMM-style register tile),
+// update the running max m and sum l of each row (the online softmax: what was summed under
+// the old max is rescaled by exp(m_old - m_new)), write P = exp(S - m) to shared memory and
+// accumulate O += P V (8 (or 4) rows x D/16 columns per thread). The scores never reach
+// global memory; the output is normalised by l once at the end.
 //
 // K and V of one tile are loaded with cp.async at different times (FlashAttention-2's
 // interleave): V of tile t lands while S is computed, K of tile t+1 while P V is.
@@ -249,13 +249,16 @@ int launch(const MQAParams& p) {
 
 template <int D>
 int dispatch(const MQAParams& p) {
-  // p.num_splits is unused by a prefill kernel; 1..4 pick experimental variants (rows per
-  // thread 8 or 4, expf or exp2f; scripts/dev_flash.py times them); 0 is the default.
-  switch (p.num_splits) {
+  // p.num_splits is unused by a prefill kernel; 1..4 pick one variant (rows per thread 8 or 4,
+  // expf or exp2f; scripts/dev_flash.py times them). 0, the default: exp2f, and 4 rows per
+  // thread (512 threads, more warps to hide latency) when each block has few K/V tiles.
+  int v = p.num_splits;
+  if (v < 1 || v > 4) v = p.Skv <= (p.causal ? 2048 : 1024) ? 4 : 3;
+  switch (v) {
+    case 1: return launch<D, 8, false>(p);
     case 2: return launch<D, 4, false>(p);
     case 3: return launch<D, 8, true>(p);
-    case 4: return launch<D, 4, true>(p);
-    default: return launch<D, 8, false>(p);
+    default: return launch<D, 4, true>(p);
   }
 }
 
