@@ -22,6 +22,17 @@
 #include <cuda_fp16.h>
 #include <cstdint>
 
+// Knobs for scripts/dev_decode.py, which builds variants with -D to measure them side by side.
+#ifndef FASTMQA_DECODE_N128
+#define FASTMQA_DECODE_N128 32   // keys per tile for D = 128, <= 32 rows
+#endif
+#ifndef FASTMQA_DECODE_STAGES128
+#define FASTMQA_DECODE_STAGES128 4  // pipeline stages for D = 128, <= 32 rows
+#endif
+#ifndef FASTMQA_DECODE_PDL
+#define FASTMQA_DECODE_PDL 1     // launch the combine with programmatic dependent launch
+#endif
+
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
@@ -34,7 +45,7 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
                ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0), "l"(policy) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)) : "memory");
@@ -71,10 +82,12 @@ template <> struct Elem<__half> {
   }
 };
 
-// D head dim, N keys per tile, W warps, MT m-tiles of 16 query rows per CTA.
-template <int D_, int N_, int W_, int MT_>
+// D head dim, N keys per tile, W warps, MT m-tiles of 16 query rows per CTA, STAGES tiles in the
+// pipeline. Streaming at full bandwidth needs ~100 KB in flight per SM (bandwidth x latency):
+// STAGES - 1 tiles per CTA times the CTAs that fit on an SM.
+template <int D_, int N_, int W_, int MT_, int STAGES_>
 struct Cfg {
-  static constexpr int D = D_, N = N_, W = W_, MT = MT_, THREADS = 32 * W, MB = 16 * MT, CH = D / 8;
+  static constexpr int D = D_, N = N_, W = W_, MT = MT_, STAGES = STAGES_, THREADS = 32 * W, MB = 16 * MT, CH = D / 8;
   // Shared-memory row pitches padded by 16 bytes: the 8 rows an ldmatrix reads (or the rows of one
   // float2 store of S) then start in different bank groups, with no swizzle arithmetic.
   static constexpr int LD = D + 8, LDS = N + 8, LDP = N + 8;
@@ -86,7 +99,7 @@ struct Cfg {
   static_assert((N * CH) % THREADS == 0 && (MB * CH) % THREADS == 0, "loads must divide evenly over threads");
   static constexpr size_t kv_tile = size_t(N) * LD * 2;  // bytes of one K (or V) tile
   static constexpr size_t fixed = size_t(MB) * (LD * 2 + LDS * 4 + LDP * 2 + 3 * 4);
-  static size_t smem(bool kv_same) { return 2 * kv_tile * (kv_same ? 1 : 2) + fixed; }
+  static size_t smem(bool kv_same) { return STAGES * kv_tile * (kv_same ? 1 : 2) + fixed; }
 };
 
 struct Args {
@@ -110,8 +123,8 @@ __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
   const int k0 = min(len, split * chunk), k1 = min(len, k0 + chunk), ntiles = (k1 - k0 + N - 1) / N;
 
   const size_t stage = size_t(N) * LD * (a.kv_same ? 1 : 2);  // elements per pipeline stage
-  T* Ks = reinterpret_cast<T*>(smem);                            // 2 stages of K (and V) tiles
-  T* Qs = Ks + 2 * stage;                                        // (MB, LD)
+  T* Ks = reinterpret_cast<T*>(smem);                            // STAGES of K (and V) tiles
+  T* Qs = Ks + C::STAGES * stage;                                // (MB, LD)
   float* Ss = reinterpret_cast<float*>(Qs + MB * LD);            // (MB, LDS) scores, log2 units
   T* Ps = reinterpret_cast<T*>(Ss + MB * C::LDS);                // (MB, LDP) probabilities
   float *row_m = reinterpret_cast<float*>(Ps + MB * C::LDP), *row_l = row_m + MB, *row_a = row_l + MB;
@@ -123,7 +136,7 @@ __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
   const T* kg = static_cast<const T*>(a.k) + size_t(b) * a.Skv * D;
   const T* vg = static_cast<const T*>(a.v) + size_t(b) * a.Skv * D;
   auto load_tile = [&](int t) {  // a tile is N consecutive rows of the cache: one contiguous block
-    T* ks = Ks + (t % 2) * stage;
+    T* ks = Ks + (t % C::STAGES) * stage;
     const int j0 = k0 + t * N;
 #pragma unroll
     for (int it = 0; it < N * C::CH / C::THREADS; ++it) {
@@ -140,9 +153,12 @@ __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
       const int c = tid + it * C::THREADS, r = c / C::CH, ch = c % C::CH;
       cp_async16(Qs + r * LD + ch * 8, qg + (r < rows ? size_t(r) * D + ch * 8 : 0), r < rows, evict_last);
     }
-    load_tile(0);
   }
-  cp_async_commit();
+#pragma unroll
+  for (int t = 0; t < C::STAGES - 1; ++t) {  // group t holds tile t (group 0 also Q)
+    if (t < ntiles) load_tile(t);
+    cp_async_commit();
+  }
   for (int r = tid; r < MB; r += C::THREADS) { row_m[r] = -INFINITY; row_l[r] = 0.f; }
 
   // Last key each of this thread's phase-1 rows may see (causal: row i sees j <= i + len - Sq).
@@ -159,11 +175,11 @@ __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
   float oacc[C::MT][C::NT][4] = {};
   __syncthreads();
   for (int t = 0; t < ntiles; ++t) {
-    cp_async_wait_all();
-    __syncthreads();                         // tile t has landed and every warp is done with t-1,
-    if (t + 1 < ntiles) load_tile(t + 1);    // so its stage can take tile t+1 during the math below
+    cp_async_wait<C::STAGES - 2>();          // all but the newest STAGES-2 groups: tile t is here
+    __syncthreads();                         // ... for every thread, and every warp is done with t-1,
+    if (t + C::STAGES - 1 < ntiles) load_tile(t + C::STAGES - 1);  // so t-1's stage takes a new tile
     cp_async_commit();
-    const T* ks = Ks + (t % 2) * stage;
+    const T* ks = Ks + (t % C::STAGES) * stage;
     const T* vs = a.kv_same ? ks : ks + N * LD;
     const int j0 = k0 + t * N;
 
@@ -233,6 +249,7 @@ __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
       for (int c = 0; c < N / 32; ++c)
         *reinterpret_cast<uint2*>(Ps + r * C::LDP + 32 * c + 4 * j8) =
             make_uint2(Elem<T>::pack(s[4 * c], s[4 * c + 1]), Elem<T>::pack(s[4 * c + 2], s[4 * c + 3]));
+      __syncwarp();  // every lane has read row_m[r] before lane 0 updates it
       if (j8 == 0) {
         const float alpha = fast_exp2(m_old - m_use);
         row_a[r] = alpha; row_l[r] = row_l[r] * alpha + sum; row_m[r] = m_new;
@@ -271,7 +288,7 @@ __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
       }
     }
   }
-  cp_async_wait_all();
+  cp_async_wait<0>();
 
   // Epilogue: O / l. One split writes o and lse; several write fp32 partials for the combine.
   const bool direct = a.splits == 1;
@@ -299,44 +316,60 @@ __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
   }
 }
 
-// One warp per query row: o = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max).
+constexpr int kMaxSplits = 256;
+
+// One CTA per query row: o = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max_s lse_s).
+// The weights go to shared memory first, so the 4 warps' loads of the partial outputs (each warp
+// a quarter of the splits, each lane a float4 column) carry no dependence and stay in flight.
 template <typename T, int D>
 __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ ws_o, const float* __restrict__ ws_lse,
                                                       T* __restrict__ o, float* __restrict__ lse, int rows, int splits) {
-  asm volatile("griddepcontrol.wait;" ::: "memory");  // the partials are complete and visible
-  const int row = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (row >= rows) return;
   constexpr int NV = (D / 4 + 31) / 32;  // float4 columns per lane
-  float mx = -INFINITY;
-  for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, ws_lse[size_t(s) * rows + row]);
+  __shared__ float w_s[kMaxSplits], red[4][D], stat[2][4];
+  asm volatile("griddepcontrol.wait;" ::: "memory");  // the partials are complete and visible
+  const int row = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  float mx = -INFINITY, sum = 0.f;
+  for (int s = tid; s < splits; s += 128) mx = fmaxf(mx, ws_lse[size_t(s) * rows + row]);
 #pragma unroll
   for (int o2 = 16; o2 > 0; o2 /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2));
+  if (lane == 0) stat[0][warp] = mx;
+  __syncthreads();
+  mx = fmaxf(fmaxf(stat[0][0], stat[0][1]), fmaxf(stat[0][2], stat[0][3]));
+  for (int s = tid; s < splits; s += 128) {  // empty splits (lse = -inf) weigh 0; their o_s is 0
+    const float w = mx == -INFINITY ? 0.f : fast_exp2(ws_lse[size_t(s) * rows + row] - mx);
+    w_s[s] = w; sum += w;
+  }
+#pragma unroll
+  for (int o2 = 16; o2 > 0; o2 /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o2);
+  if (lane == 0) stat[1][warp] = sum;
+  __syncthreads();
+  sum = stat[1][0] + stat[1][1] + stat[1][2] + stat[1][3];
   float4 acc[NV];
 #pragma unroll
   for (int u = 0; u < NV; ++u) acc[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-  float sum = 0.f;
-  if (mx != -INFINITY) {
-    for (int s = 0; s < splits; ++s) {
-      const float w = fast_exp2(ws_lse[size_t(s) * rows + row] - mx);
-      if (w == 0.f) continue;  // an empty split (or one whose weight underflows)
-      sum += w;
-      const float4* src = reinterpret_cast<const float4*>(ws_o + (size_t(s) * rows + row) * D);
+#pragma unroll 8
+  for (int s = warp; s < splits; s += 4) {
+    const float w = w_s[s];
+    const float4* src = reinterpret_cast<const float4*>(ws_o + (size_t(s) * rows + row) * D);
 #pragma unroll
-      for (int u = 0; u < NV; ++u) {
-        const int c = lane + 32 * u;
-        if (c < D / 4) { const float4 x = src[c]; acc[u].x += w * x.x; acc[u].y += w * x.y; acc[u].z += w * x.z; acc[u].w += w * x.w; }
-      }
+    for (int u = 0; u < NV; ++u) {
+      const int c = lane + 32 * u;
+      if (c < D / 4) { const float4 x = src[c]; acc[u].x += w * x.x; acc[u].y += w * x.y; acc[u].z += w * x.z; acc[u].w += w * x.w; }
     }
   }
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
 #pragma unroll
   for (int u = 0; u < NV; ++u) {
     const int c = lane + 32 * u;
-    if (c < D / 4)
-      *reinterpret_cast<uint2*>(o + size_t(row) * D + 4 * c) =
-          make_uint2(Elem<T>::pack(acc[u].x * inv, acc[u].y * inv), Elem<T>::pack(acc[u].z * inv, acc[u].w * inv));
+    if (c < D / 4) { red[warp][4 * c] = acc[u].x; red[warp][4 * c + 1] = acc[u].y; red[warp][4 * c + 2] = acc[u].z; red[warp][4 * c + 3] = acc[u].w; }
   }
-  if (lse && lane == 0) lse[row] = sum > 0.f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
+  __syncthreads();
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;  // a row that saw no key: zeros, lse = -inf
+  for (int c = tid; c < D / 2; c += 128) {
+    const float x = (red[0][2 * c] + red[1][2 * c] + red[2][2 * c] + red[3][2 * c]) * inv;
+    const float y = (red[0][2 * c + 1] + red[1][2 * c + 1] + red[2][2 * c + 1] + red[3][2 * c + 1]) * inv;
+    *reinterpret_cast<uint32_t*>(o + size_t(row) * D + 2 * c) = Elem<T>::pack(x, y);
+  }
+  if (lse && tid == 0) lse[row] = sum > 0.f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
 }
 
 // Split count: enough CTAs to fill the resident slots (SMs x CTAs per SM) in whole waves, each split
@@ -345,7 +378,7 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
 // ceil(tiles / s) tiles each must number s.
 int choose_splits(int base, int tiles, int slots) {
   if (10 * base >= 8 * slots || tiles <= 1) return 1;
-  const int max_s = min(min(tiles, 256), (2 * slots + base - 1) / base);
+  const int max_s = min(min(tiles, kMaxSplits), (2 * slots + base - 1) / base);
   auto eff = [&](int s) { float w = float(base) * s / slots; return w / ceilf(w); };
   auto eligible = [&](int s) { const int c = (tiles + s - 1) / s; return (tiles + c - 1) / c == s; };
   float best = 0.f;
@@ -358,31 +391,35 @@ template <typename T, class C>
 int launch(const MQAParams& p) {
   const int M = p.H * p.Sq, RB = (M + C::MB - 1) / C::MB;
   const bool kv_same = p.k == p.v;
+  const size_t smem = C::smem(kv_same);
+  static size_t smem_set = 0;  // the kernel's dynamic shared-memory limit, raised once
   static int occ[2] = {0, 0};  // resident CTAs per SM, for distinct / shared K and V
-  if (occ[0] == 0) {
-    if (cudaFuncSetAttribute(decode_kernel<T, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::smem(false)) != cudaSuccess)
+  if (smem > smem_set) {
+    if (cudaFuncSetAttribute(decode_kernel<T, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess)
       return FASTMQA_UNSUPPORTED;
-    for (int s = 0; s < 2; ++s) {
-      int n = 1;
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<T, C>, C::THREADS, C::smem(s));
-      occ[s] = max(1, min(n, 4));  // fastmqa/kernels.py bounds the workspace assuming <= 4
-    }
+    smem_set = smem;
+  }
+  if (occ[kv_same] == 0) {
+    int n = 1;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<T, C>, C::THREADS, smem);
+    occ[kv_same] = max(1, min(n, 4));  // fastmqa/kernels.py bounds the workspace assuming <= 4
   }
   const int tiles = max(1, (p.Skv + C::N - 1) / C::N);
-  int splits = p.num_splits > 0 ? min(p.num_splits, tiles) : choose_splits(p.B * RB, tiles, p.num_sms * occ[kv_same]);
+  const int splits = p.num_splits > 0 ? min(min(p.num_splits, tiles), kMaxSplits)
+                                      : choose_splits(p.B * RB, tiles, p.num_sms * occ[kv_same]);
   const size_t ws_need = size_t(splits) * p.B * M * (C::D + 1) * sizeof(float);
   if (splits > 1 && (p.workspace == nullptr || p.workspace_bytes < ws_need)) return FASTMQA_UNSUPPORTED;
   Args a{p.q, p.k, p.v, p.o, p.lse, p.seqlens, static_cast<float*>(p.workspace), nullptr,
          p.B, M, p.Sq, p.Skv, p.causal, splits, RB, kv_same, p.scale * kLog2e};
   if (splits > 1) a.ws_lse = a.ws_o + size_t(splits) * p.B * M * C::D;
-  decode_kernel<T, C><<<dim3(RB * splits, p.B), C::THREADS, C::smem(kv_same), p.stream>>>(a);
+  decode_kernel<T, C><<<dim3(RB * splits, p.B), C::THREADS, smem, p.stream>>>(a);
   if (splits == 1) return 0;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((p.B * M + 3) / 4); cfg.blockDim = dim3(128); cfg.stream = p.stream;
+  cfg.gridDim = dim3(p.B * M); cfg.blockDim = dim3(128); cfg.stream = p.stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr; cfg.numAttrs = 1;
+  cfg.attrs = attr; cfg.numAttrs = FASTMQA_DECODE_PDL;
   cudaLaunchKernelEx(&cfg, combine_kernel<T, C::D>, (const float*)a.ws_o, (const float*)a.ws_lse,
                      static_cast<T*>(p.o), p.lse, p.B * M, splits);
   return 0;
@@ -395,9 +432,10 @@ int by_rows(const MQAParams& p) { return p.H * p.Sq <= Small::MB ? launch<T, Sma
 template <typename T>
 int by_dim(const MQAParams& p) {
   switch (p.D) {
-    case 64: return by_rows<T, Cfg<64, 64, 4, 2>, Cfg<64, 64, 4, 8>>(p);
-    case 128: return by_rows<T, Cfg<128, 64, 4, 2>, Cfg<128, 64, 8, 8>>(p);
-    case 576: return launch<T, Cfg<576, 32, 8, 2>>(p);  // MLA latent; more rows -> more row blocks
+    case 64: return by_rows<T, Cfg<64, 64, 4, 2, 4>, Cfg<64, 64, 4, 8, 2>>(p);
+    case 128: return by_rows<T, Cfg<128, FASTMQA_DECODE_N128, 4, 2, FASTMQA_DECODE_STAGES128>, Cfg<128, 64, 8, 8, 2>>(p);
+    // MLA's latent (more rows -> more row blocks): one shared K = V tile per stage leaves room for 4.
+    case 576: return p.k == p.v ? launch<T, Cfg<576, 32, 8, 2, 4>>(p) : launch<T, Cfg<576, 32, 8, 2, 2>>(p);
     default: return FASTMQA_UNSUPPORTED;
   }
 }
