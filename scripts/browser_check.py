@@ -10,8 +10,8 @@ headless through Playwright's Python package, then, on every page of the book:
   * every internal link resolves: HTTP 200 from the local server, and its #anchor exists in
     the target page;
   * every solution dropdown (`.admonition.dropdown`, sphinx-togglebutton) and every collapsed
-    `<details>` starts hidden; on each page the first dropdown is clicked and must become
-    visible;
+    `<details>` starts hidden, and so does the code of every cell tagged `solution`; on each
+    page the first dropdown is clicked and must become visible;
   * screenshots of a few pages (and of an opened solution) go to results/screens/*.png.
 
 Exit code 0 only if every check passed. Needs: `apt-get install -y chromium` and
@@ -126,6 +126,12 @@ _BODY_SHOWN_JS = """(n) => { %s
   const body = Array.from(d.children).filter(c => !c.classList.contains('admonition-title'));
   return body.length > 0 && body.every(shown); }""" % _SHOWN
 
+_SOLUTION_CELLS_JS = """() => { %s
+  return Array.from(document.querySelectorAll('.cell.tag_solution')).map(c => {
+    const inp = c.querySelector('.cell_input') || c;
+    return {shown: shown(inp), text: inp.innerText.trim().split('\\n')[0].slice(0, 60)};
+  }); }""" % _SHOWN
+
 _DETAILS_JS = """() => Array.from(document.querySelectorAll('details')).map(d => ({
   open: d.open, text: (d.querySelector('summary') || d).innerText.slice(0, 60)}))"""
 
@@ -205,6 +211,10 @@ def check_book(html_dir: Path, screens: Path | None, online: bool = False, shots
                 for d in drops:
                     if d["shown"]:
                         fails.append(f"dropdown shown before it is toggled: {d['title']!r}")
+                for c in page.evaluate(_SOLUTION_CELLS_JS):
+                    if c["shown"]:
+                        fails.append(f"solution code cell visible without toggling: {c['text']!r} "
+                                     "(put it in a gated solution, DEVNOTES 'Exercises')")
                 for d in page.evaluate(_DETAILS_JS):
                     if d["open"]:
                         fails.append(f"<details> open before it is toggled: {d['text']!r}")

@@ -32,8 +32,10 @@ TOGGLE = """<style>.toggle-hidden > :not(.admonition-title) {visibility: hidden;
 
 def _site(tmp_path, good=True):
     (tmp_path / "img.png").write_bytes(PNG_1x1)
+    cell = ('<div class="cell tag_solution"><div class="cell_input"><pre># EXERCISE ex-x\nx = 42</pre></div>'
+            '</div>')
     dropdown = ('<div class="solution dropdown admonition"><p class="admonition-title">Solution</p>'
-                '<section><p>the answer</p></section></div>')
+                f'<section><p>the answer</p>{cell}</section></div>')
     page2 = f"<html><head>{TOGGLE}</head><body><h1 id='sec'>Two</h1>{dropdown}<img src='img.png'></body></html>"
     (tmp_path / "page2.html").write_text(page2)
     if good:
@@ -42,7 +44,7 @@ def _site(tmp_path, good=True):
     else:  # no toggle script: the dropdown shows at once
         index = ("<html><body><a href='page2.html#nope'>bad anchor</a><a href='missing.html'>gone</a>"
                  "<img src='absent.png'><script>console.error('boom')</script>"
-                 f"<script>undefined_function()</script>{dropdown}</body></html>")
+                 f"<script>undefined_function()</script>{dropdown}{cell}</body></html>")
     (tmp_path / "index.html").write_text(index)
     return tmp_path
 
@@ -65,6 +67,7 @@ def test_checker_finds_every_fault(tmp_path):
     assert "console error: boom" in text
     assert "uncaught:" in text and "undefined_function" in text
     assert "dropdown shown before it is toggled: 'Solution'" in text
+    assert "solution code cell visible without toggling: '# EXERCISE ex-x'" in text
     assert all(f.startswith("index.html:") for f in rep["failures"])  # page2 is fine
 
 
