@@ -76,14 +76,36 @@ def table(data, impls=None):
     for row in data["rows"]:
         if impls and row["impl"] not in impls:
             continue
-        r = {"impl": row["impl"], "kernel": short_name(row["kernel_function"])}
+        r = {"impl": row["impl"], "kernel": short_name(row["kernel_function"]),
+             "block": row.get("block"), "grid": row.get("grid")}
         for key, (metric, _) in METRICS.items():
             v = row.get(metric)
             if v is not None and key == "time_us":
                 v = v / 1e3  # ns -> µs
             r[key] = v
+        # bank conflicts as a share of all shared-memory load wavefronts
+        w, c = r.get("smem_ld_wavefronts"), r.get("bank_conflicts_ld")
+        r["conflict_pct"] = 100.0 * c / w if w and c is not None else None
         out.append(r)
     return out
+
+
+def occupancy(registers, threads, smem_bytes, regs_per_sm=65536, max_warps=64, max_blocks=32,
+              smem_per_sm=233472, smem_reserved=1024):
+    """How many blocks of a kernel fit on one SM, and what limits it (H100 numbers by default).
+
+    Registers are allocated per warp in units of 8 per thread; each block also reserves 1 KB of
+    shared memory. Returns {blocks, warps, occupancy_pct, limit, by_registers, by_smem, by_warps}."""
+    warps_per_block = -(-threads // 32)
+    regs_per_warp = -(-registers // 8) * 8 * 32
+    by_regs = (regs_per_sm // regs_per_warp) // warps_per_block if registers else max_blocks
+    by_smem = smem_per_sm // (smem_bytes + smem_reserved)
+    by_warps = max_warps // warps_per_block
+    limits = {"warps": by_warps, "blocks": max_blocks, "registers": by_regs, "shared memory": by_smem}
+    limit = min(limits, key=limits.get)
+    blocks = limits[limit]
+    return dict(blocks=blocks, warps=blocks * warps_per_block, occupancy_pct=100.0 * blocks * warps_per_block / max_warps,
+                limit=limit, by_registers=by_regs, by_smem=by_smem, by_warps=by_warps)
 
 
 def short_name(fn: str) -> str:
@@ -240,12 +262,20 @@ def profile(names, out, B, H, S, D, causal=False, timeout=900):
     return data
 
 
-def format_table(rows) -> str:
-    cols = ["impl", "kernel", "time_us", "dram_pct", "mem_pct", "sm_pct", "occupancy_pct",
-            "bank_conflicts_ld", "bank_conflicts_st", "registers", "smem_static", "smem_dynamic"]
+DEFAULT_COLS = ["impl", "kernel", "time_us", "dram_pct", "mem_pct", "sm_pct", "occupancy_pct",
+                "bank_conflicts_ld", "bank_conflicts_st", "registers", "smem_static", "smem_dynamic"]
+
+
+def format_table(rows, cols=None) -> str:
+    """A plain-text table of `table()` rows (kernel names shortened to 40 characters)."""
+    cols = cols or DEFAULT_COLS
     def fmt(v):
         if isinstance(v, float):
-            return f"{v:.1f}"
+            return f"{v:.1f}" if abs(v) < 1e6 else f"{v:.3g}"
+        if isinstance(v, int) and abs(v) >= 10**7:
+            return f"{v:.3g}"
+        if isinstance(v, str) and len(v) > 40:
+            return v[:37] + "..."
         return "-" if v is None else str(v)
     cells = [[fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(cols)]

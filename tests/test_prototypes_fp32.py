@@ -100,3 +100,14 @@ def test_reduce_scatter_leaves_key_l_over_spread_on_lane_l():
     out = warp_shuffle.mqa_warp_shuffle(q, k, v)
     p_ref = torch.softmax((q[0, :, 0] @ k[0].T) / D ** 0.5, dim=-1)  # (H, Skv): v = I picks p out
     torch.testing.assert_close(out[0, :, 0, :Skv], p_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("C", [4, 8, 16, 32])
+def test_reduce_scatter_numpy(C):
+    rng = np.random.default_rng(C)
+    parts = rng.normal(size=(32, C))
+    held, shuffles = warp_shuffle.reduce_scatter_numpy(parts)
+    np.testing.assert_allclose(held, parts.sum(0)[np.arange(32) // (32 // C)], rtol=1e-12)
+    assert shuffles == C - 1 + (32 // C).bit_length() - 1   # C - 1 exchanges, then log2(32 / C) plain steps
+    plain, n_plain = warp_shuffle.reduce_scatter_numpy(parts, plain=True)
+    assert n_plain == 5 * C and np.allclose(plain, parts.sum(0)[None, :])

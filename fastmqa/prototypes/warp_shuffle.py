@@ -40,6 +40,34 @@ F = DMAX // 32   # head-dim slots per lane
 FULL = 0xFFFFFFFF
 
 
+def reduce_scatter_numpy(parts, plain=False):
+    """The warp's reduce-scatter in numpy, for looking at: parts[lane, c] is lane's partial sum
+    for key c (32 lanes, C keys). Returns (held, shuffles): held[lane] = the full sum each lane
+    ends with (key lane // (32 // C)), and the number of shuffle instructions a warp executed.
+    plain=True does one 5-step butterfly per key instead (every lane ends with every sum)."""
+    x = np.array(parts, dtype=np.float64)
+    lanes, nc = x.shape
+    assert lanes == 32 and nc & (nc - 1) == 0 and nc <= 32
+    if plain:
+        for off in (16, 8, 4, 2, 1):
+            x = x + x[np.arange(32) ^ off]
+        return x, 5 * nc
+    shuffles, n, off = 0, nc // 2, 16
+    while n >= 1:
+        upper = (np.arange(32) & off) != 0
+        keep = np.where(upper[:, None], x[:, n:2 * n], x[:, :n])
+        send = np.where(upper[:, None], x[:, :n], x[:, n:2 * n])
+        x = keep + send[np.arange(32) ^ off]     # lane l receives what lane l ^ off sent
+        shuffles += n
+        n, off = n // 2, off // 2
+    s = x[:, 0]
+    while off >= 1:
+        s = s + s[np.arange(32) ^ off]
+        shuffles += 1
+        off //= 2
+    return s, shuffles
+
+
 @cuda.jit(device=True)
 def reduce_scatter(x, s, lane):
     # x[r, c]: this lane's partial dot product of row r with key c (c < C).
