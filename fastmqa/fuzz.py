@@ -136,6 +136,8 @@ def _call(fn, kernel, q, k, v, case, seqlens):
         kw["return_lse"] = True
     res = fn(q, k, v, **kw)
     if case["return_lse"]:
+        if not (isinstance(res, tuple) and len(res) == 2):
+            raise TypeError(f"with return_lse=True the kernel must return (out, lse), got {type(res).__name__}")
         return res
     return res, None
 
