@@ -117,14 +117,14 @@ def _scores_bytes(B, H, Sq, Skv, D, dtype, num_splits):
 
 
 def _decode_workspace(B, H, Sq, Skv, D, dtype, num_splits):
-    """Bytes of 10_decode's split-KV partials: fp32 (splits, B, H*Sq, D) outputs + (splits, B, H*Sq) lse.
+    """Bytes of the decode kernels' split-KV partials: fp32 (splits, B, H*Sq, D) outputs + (splits, B, H*Sq) lse.
 
-    An upper bound of the split count its launcher uses: a given num_splits is clamped to the
-    number of key tiles (tiles are >= 32 keys); a chosen one is at most 256, the number of tiles,
-    and 2 waves of <= 4 resident CTAs per SM over B sequences (ceil(8 * SMs / B))."""
+    An upper bound of the split count their launchers use: a given num_splits is clamped to the
+    number of key tiles (tiles are >= 32 keys) and 256; a chosen one is at most 256, the number of
+    tiles, and 2 waves of <= 4 resident CTAs per SM over B sequences (ceil(8 * SMs / B))."""
     tiles = -(-Skv // 32)
     if num_splits:
-        splits = min(num_splits, tiles)
+        splits = min(num_splits, tiles, 256)
     else:
         sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
             if torch.cuda.is_available() else 132
@@ -153,10 +153,14 @@ REGISTRY: list[Kernel] = [
            "prefill", "06_flash_mma.cu", "07_tensor_cores", dtypes=(FP16, BF16), returns_lse=True,
            prototype="fastmqa.prototypes.flash:mqa_flash_tiled", suites=("prefill",)),
     # --- decode over a KV cache ---------------------------------------------------------
-    # MLA: D = 576 is the latent cache (512 + 64 RoPE) passed as both k and v (one load per tile);
-    # o[..., :512] is MLA's output.
     Kernel("10_decode", "decode: all heads share each K/V tile, split-KV over CTAs + combine", "decode",
-           "10_decode.cu", "08_decode", dtypes=(FP16, BF16), head_dims=(64, 128, 576), max_sq=8,
+           "10_decode.cu", "08_decode", dtypes=(FP16, BF16), head_dims=(64, 128), max_sq=8,
+           workspace=_decode_workspace, returns_lse=True,
+           prototype="fastmqa.prototypes.decode:mqa_decode_splitkv", suites=("decode",)),
+    # MLA: D = 576 is the latent cache (512 + 64 RoPE) passed as both k and v (one load per tile);
+    # o[..., :512] is MLA's output. Distinct k and v of D = 576 work too.
+    Kernel("11_decode_mla", "decode, MLA latent (D=576): output columns split over warps", "decode",
+           "11_decode_mla.cu", "08_decode", dtypes=(FP16, BF16), head_dims=(576,), max_sq=8,
            workspace=_decode_workspace, returns_lse=True,
            prototype="fastmqa.prototypes.decode:mqa_decode_splitkv", suites=("decode",)),
 ]

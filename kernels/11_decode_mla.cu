@@ -1,37 +1,26 @@
-// 10_decode.cu — MQA decoding over a KV cache, split across CTAs (Flash-Decoding).
+// 11_decode_mla.cu — decoding for MLA (DeepSeek): MQA over a (B, Smax, 576) latent cache.
 //
-// q (B, H, Sq <= 8, D); k_cache, v_cache (B, Smax, D); seqlens (B,) int32 (ragged lengths).
-// Per generated token a layer reads its whole cache once and does only 4·H·Sq flops per cached
-// number, so decoding is memory-bound: the goal is to stream K and V at device bandwidth.
-//   * One CTA serves ALL H·Sq query rows of a sequence (q[b] is one (H·Sq, D) matrix, row = h·Sq+i),
-//     so every K/V element is read from memory once, not once per head.
-//   * Tiles of N keys arrive by 16-byte cp.async, two stages: tile t+1 streams in while tile t is used.
+// MLA caches one latent per token (512 numbers + a 64-wide RoPE key) shared by all heads; decoding
+// is MQA with D = 576 and v = k, the same tensor: pass it as both k and v and the kernel loads each
+// tile once; o[..., :512] is MLA's output (the last 64 columns are the attention-weighted RoPE part,
+// which MLA discards). Distinct k and v tensors of D = 576 work too (two tiles per stage).
+//
+// 10_decode keeps each warp's whole (rows x D) output in registers; at D = 576 that is 288 floats
+// per thread for 16 rows, which does not fit. So here the output columns are split across warps:
+//   * One CTA serves all H·Sq query rows of a sequence (up to 32; more rows -> more row blocks).
+//   * Tiles of 32 keys arrive by 16-byte cp.async, STAGES deep.
 //   * Per tile, three phases with tensor cores (mma.sync m16n8k16, fp32 accumulation):
 //       1. S = Q K^T (rows x N), scaled to log2 units and masked, written to shared memory;
 //       2. online softmax, 8 lanes per row: running max m, sum l, P = exp2(S - m) in bf16/fp16;
-//       3. O = alpha·O + P V, each warp owning D/W output columns of every row (registers).
-//   * Split-KV: with B·H·Sq small (B = 1 is 1 CTA!) the GPU's 132 SMs sit idle, so each sequence's
-//     keys are cut into `splits` chunks, one CTA each, writing a normalised partial output and its
-//     log-sum-exp to the workspace; a second kernel combines them (launched with programmatic
-//     dependent launch so its launch overlaps the first kernel's tail).
-// MLA (DeepSeek) decoding is MQA over a (B, Smax, 576) latent cache with v = k: pass the same tensor
-// as k and v (D = 576); the kernel then loads each tile once, and o[..., :512] is MLA's output
-// (the last 64 columns are the attention-weighted RoPE part, which MLA discards).
+//       3. O = alpha·O + P V, each of the 8 warps owning 72 of the 576 output columns (registers).
+//     The price is two extra barriers and S, P round trips through shared memory per tile.
+//   * Split-KV as in 10_decode: chunks of each sequence on separate CTAs, normalised partial
+//     outputs and log-sum-exps in the workspace, combined by a second kernel (programmatic
+//     dependent launch).
 #include "mqa_params.cuh"
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
-
-// Knobs for scripts/dev_decode.py, which builds variants with -D to measure them side by side.
-#ifndef FASTMQA_DECODE_N128
-#define FASTMQA_DECODE_N128 32   // keys per tile for D = 128, <= 32 rows
-#endif
-#ifndef FASTMQA_DECODE_STAGES128
-#define FASTMQA_DECODE_STAGES128 4  // pipeline stages for D = 128, <= 32 rows
-#endif
-#ifndef FASTMQA_DECODE_PDL
-#define FASTMQA_DECODE_PDL 1     // launch the combine with programmatic dependent launch
-#endif
 
 namespace {
 
@@ -419,32 +408,24 @@ int launch(const MQAParams& p) {
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr; cfg.numAttrs = FASTMQA_DECODE_PDL;
+  cfg.attrs = attr; cfg.numAttrs = 1;
   cudaLaunchKernelEx(&cfg, combine_kernel<T, C::D>, (const float*)a.ws_o, (const float*)a.ws_lse,
                      static_cast<T*>(p.o), p.lse, p.B * M, splits);
   return 0;
 }
 
-// Up to 32 rows (H·Sq, e.g. 32 heads x 1 token) use the small-CTA config; more rows use 128-row CTAs.
-template <typename T, class Small, class Large>
-int by_rows(const MQAParams& p) { return p.H * p.Sq <= Small::MB ? launch<T, Small>(p) : launch<T, Large>(p); }
-
+// 32 rows per CTA, 8 warps of 72 output columns, 32-key tiles: 37 KB per K tile. One shared K = V
+// tile per stage leaves room for 4 stages in 227 KB; distinct K and V tiles for 2.
 template <typename T>
-int by_dim(const MQAParams& p) {
-  switch (p.D) {
-    case 64: return by_rows<T, Cfg<64, 64, 4, 2, 4>, Cfg<64, 64, 4, 8, 2>>(p);
-    case 128: return by_rows<T, Cfg<128, FASTMQA_DECODE_N128, 4, 2, FASTMQA_DECODE_STAGES128>, Cfg<128, 64, 8, 8, 2>>(p);
-    // MLA's latent (more rows -> more row blocks): one shared K = V tile per stage leaves room for 4.
-    case 576: return p.k == p.v ? launch<T, Cfg<576, 32, 8, 2, 4>>(p) : launch<T, Cfg<576, 32, 8, 2, 2>>(p);
-    default: return FASTMQA_UNSUPPORTED;
-  }
+int by_kv(const MQAParams& p) {
+  return p.k == p.v ? launch<T, Cfg<576, 32, 8, 2, 4>>(p) : launch<T, Cfg<576, 32, 8, 2, 2>>(p);
 }
 
 }  // namespace
 
-int fastmqa_k10_decode(const MQAParams& p) {
-  if (p.B < 1 || p.H * p.Sq < 1 || p.Skv < 1) return FASTMQA_UNSUPPORTED;
-  if (p.dtype == FASTMQA_BF16) return by_dim<__nv_bfloat16>(p);
-  if (p.dtype == FASTMQA_FP16) return by_dim<__half>(p);
+int fastmqa_k11_decode_mla(const MQAParams& p) {
+  if (p.B < 1 || p.H * p.Sq < 1 || p.Skv < 1 || p.D != 576) return FASTMQA_UNSUPPORTED;
+  if (p.dtype == FASTMQA_BF16) return by_kv<__nv_bfloat16>(p);
+  if (p.dtype == FASTMQA_FP16) return by_kv<__half>(p);
   return FASTMQA_UNSUPPORTED;
 }

@@ -1,8 +1,8 @@
-"""Develop kernels/10_decode.cu on a GPU in one go: build, check, time.
+"""Develop kernels/10_decode.cu and 11_decode_mla.cu on a GPU in one go: build, check, time.
 
     python scripts/dev_decode.py [--out DIR] [--skip-sanitizer]
 
-1. builds 10_decode and variants of it (-D knobs in the .cu) in parallel;
+1. builds 10_decode, variants of it (-D knobs in the .cu) and 11_decode_mla, in parallel;
 2. checks them on ragged caches (lengths 0, 1, non-multiples of the tile; the cache past each
    length poisoned with NaN, the output poisoned before the launch) for every dtype, head dim
    (576 also with k and v the same tensor, as MLA uses it), causal and not, several split counts,
@@ -35,9 +35,8 @@ from fastmqa.check import compare  # noqa: E402
 from fastmqa.reference import attention_ref  # noqa: E402
 
 T0 = time.time()
-# Variants of the D = 128, <= 32-row config: (keys per tile, pipeline stages); the default is n32s4.
-VARIANTS = {f"n{n}s{st}": [f"FASTMQA_DECODE_N128={n}", f"FASTMQA_DECODE_STAGES128={st}"]
-            for n, st in ((64, 2), (64, 4), (32, 6))}
+# Pipeline depths of 10_decode other than its default (3 stages).
+VARIANTS = {"s2": ["FASTMQA_DECODE_STAGES=2"], "s4": ["FASTMQA_DECODE_STAGES=4"]}
 GRID = [(B, S) for B in (1, 4, 16, 64) for S in (1024, 4096, 16384, 32768)]
 SWEEP = [(1, 4096), (1, 32768), (4, 32768), (16, 4096), (64, 4096)]
 SPLITS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -63,12 +62,14 @@ def build_variant(tag, defines):
 
 def build_all():
     build.extensions_dir()
-    base = registry.get("10_decode")
-    with ThreadPoolExecutor(1 + len(VARIANTS)) as pool:
+    base, mla = registry.get("10_decode"), registry.get("11_decode_mla")
+    with ThreadPoolExecutor(2 + len(VARIANTS)) as pool:
         fb = pool.submit(build.load, base.name, base.source)
+        fm = pool.submit(build.load, mla.name, mla.source)
         fv = {t: pool.submit(build_variant, t, d) for t, d in VARIANTS.items()}
         fb.result()
-        kerns = {"10_decode": base}
+        fm.result()
+        kerns = {"10_decode": base, "11_decode_mla": mla}
         for t, f in fv.items():
             try:
                 kerns[f"10_decode_{t}"] = f.result()
@@ -116,7 +117,9 @@ def check_kernels(kerns, log):
                                                      causal=causal, seqlens=sl.cpu(), return_lse=True)
                         tout = attention_ref(q, k, v, causal=causal, seqlens=sl)
                         for name, kern in kerns.items():
-                            for ns in ((0, 1, 5, 64) if name == "10_decode" else (0,)):
+                            if kern.supports(dtype, D, causal, Sq) is not None:
+                                continue
+                            for ns in ((0, 1, 5, 64) if name in ("10_decode", "11_decode_mla") else (0,)):
                                 row = dict(kernel=name, dtype=str(dtype)[6:], B=B, H=H, Sq=Sq, S=S, D=D,
                                            causal=causal, kv_same=kv_same, num_splits=ns)
                                 try:
@@ -142,9 +145,9 @@ def check_kernels(kerns, log):
     log["checks"] = res
     bad = [r for r in res if not r["ok"]]
     stamp(f"own checks: {len(res) - len(bad)}/{len(res)} pass")
-    grid = gridcheck.run_grid(registry.get("10_decode"))
+    grid = gridcheck.run_grid(registry.get("10_decode")) + gridcheck.run_grid(registry.get("11_decode_mla"))
     log["gridcheck"] = [dataclasses.asdict(c) for c in grid]
-    stamp("gridcheck: " + gridcheck.summarize(grid))
+    stamp("gridcheck (10_decode, 11_decode_mla): " + gridcheck.summarize(grid))
     return not bad and all(c.ok for c in grid)
 
 
@@ -165,7 +168,8 @@ def time_grid(kerns, log, timer):
         row["copy1_ms"] = timer(lambda: kvd.copy_(kv))                    # one copy kernel, same bytes
         row["copy2_ms"] = timer(lambda: (kd.copy_(k), vd.copy_(v)))       # as fastmqa.bench does
         for name, kern in kerns.items():
-            row[name] = timer(kern.prepare(q, k, v, cache_seqlens=lens)[0])
+            if kern.supports(dtype, D, False, 1) is None:
+                row[name] = timer(kern.prepare(q, k, v, cache_seqlens=lens)[0])
         sdpa = {}
         for impl, fn in bench.torch_paths("decode", small=False).items():
             if bench._first_working(fn, q, k, v, False) is None:
@@ -175,7 +179,7 @@ def time_grid(kerns, log, timer):
         best = min(sdpa, key=sdpa.get) if sdpa else None
         ours = row["10_decode"]
         stamp(f"B={B:3d} S={S:6d}: ours {ours * 1e3:8.1f} us {kv_bytes / ours / 1e6:7.0f} GB/s | "
-              + " ".join(f"{n[-5:]} {kv_bytes / row[n] / 1e6:6.0f}" for n in kerns if n != "10_decode")
+              + " ".join(f"{n[-5:]} {kv_bytes / row[n] / 1e6:6.0f}" for n in kerns if n != "10_decode" and n in row)
               + f" | sdpa best {best} {kv_bytes / sdpa[best] / 1e6 if best else 0:6.0f} GB/s"
               + f" | copy1 {row['copy1_ms'] * 1e3:7.1f} us copy2 {row['copy2_ms'] * 1e3:7.1f} us")
         del q, kv, k, v, kvd, kd, vd
@@ -220,16 +224,15 @@ def time_mla(kern, log, timer):
     log["mla"] = rows
 
 
-def sanitize(tool, out):
+def sanitize(tool, name, out):
     """compute-sanitizer on fastmqa.gpucheck's small decode case; the whole report goes to a file."""
     import subprocess
-    exe = "compute-sanitizer"
-    cmd = [exe, "--tool", tool, "--error-exitcode", "9", "--print-limit", "20", sys.executable, "-m",
-           "fastmqa.gpucheck", "--child", "10_decode"]
+    cmd = ["compute-sanitizer", "--tool", tool, "--error-exitcode", "9", "--print-limit", "20", sys.executable,
+           "-m", "fastmqa.gpucheck", "--child", name]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=Path(__file__).resolve().parent.parent)
-    (out / f"{tool}.txt").write_text(p.stdout + p.stderr)
+    (out / f"{tool}_{name[:2]}.txt").write_text(p.stdout + p.stderr)
     summ = [l for l in (p.stdout + p.stderr).splitlines() if "SUMMARY" in l]
-    return dict(tool=tool, rc=p.returncode, summary=summ)
+    return dict(tool=tool, kernel=name, rc=p.returncode, summary=summ)
 
 
 def profile(B, S):
@@ -281,14 +284,15 @@ def main():
     save()
     time_sweep(kerns["10_decode"], log, timer)
     save()
-    time_mla(kerns["10_decode"], log, timer)
+    time_mla(kerns["11_decode_mla"], log, timer)
     save()
     summary(log)
     if not args.skip_sanitizer:
-        for tool in ("memcheck", "racecheck"):
-            r = sanitize(tool, out)
-            log.setdefault("sanitizer", []).append(r)
-            stamp(f"{tool}: rc {r['rc']} {r['summary']}")
+        for name in ("10_decode", "11_decode_mla"):
+            for tool in ("memcheck", "racecheck"):
+                r = sanitize(tool, name, out)
+                log.setdefault("sanitizer", []).append(r)
+                stamp(f"{name} {tool}: rc {r['rc']} {r['summary']}")
         save()
     return 0 if log["checks_ok"] else 1
 
