@@ -368,25 +368,28 @@ def fuzz_kernel(kernel, examples=50, seed=0, device="cuda", fn=None, special=Tru
             "seconds": round(time.time() - t0, 2)}
 
 
-def determinism_cases(kernel):
-    """(case) dicts determinism() runs: every dtype, causal and not, odd sizes; decode ragged."""
+def determinism_cases(kernel, small=False):
+    """(case) dicts determinism() runs: every dtype, causal and not, odd sizes; decode ragged.
+    small: tiny shapes, for numba's simulator and CPU tests."""
     cases = []
     for dtype in kernel.dtypes:
         for causal in ((False, True) if kernel.causal else (False,)):
             base = dict(dtype=_name(dtype), D=kernel.head_dims[-1], causal=causal, scale=None, num_splits=0,
                         kv3d=False, strided=False, amp=1.0, garbage=False, return_lse=bool(kernel.returns_lse))
             if kernel.kind == "decode":
-                lens = [3000, 1, 1777, 0]
+                S, H = (40, 2) if small else (3000, 32)
+                lens = [S, 1, S // 2 + 7, 0]
                 splits = (0, 7) if kernel.workspace is not None else (0,)
                 for ns in splits:
-                    cases.append({**base, "B": 4, "H": 32, "Sq": min(2, kernel.max_sq or 1), "Skv": 3000,
+                    cases.append({**base, "B": 4, "H": H, "Sq": min(2, kernel.max_sq or 1), "Skv": S,
                                   "lens": lens, "num_splits": ns})
             else:
-                cases.append({**base, "B": 2, "H": 8, "Sq": 257, "Skv": 300, "lens": None})
+                B, H, Sq, Skv = (1, 2, 9, 13) if small else (2, 8, 257, 300)
+                cases.append({**base, "B": B, "H": H, "Sq": Sq, "Skv": Skv, "lens": None})
     return cases
 
 
-def determinism(kernel, seed=0, device="cuda", fn=None, repeats=2) -> dict:
+def determinism(kernel, seed=0, device="cuda", fn=None, repeats=2, small=False) -> dict:
     """Run each case `repeats` times on the same inputs; outputs (and lse) must be bitwise equal.
 
     Returns {"ok", "expected": bool, "cases": [{"case", "equal", "error"}]}; a kernel whose
@@ -394,7 +397,7 @@ def determinism(kernel, seed=0, device="cuda", fn=None, repeats=2) -> dict:
     fn = _resolve(kernel, fn, device)
     expected = bool(getattr(kernel, "extra", {}).get("deterministic", True))
     res = []
-    for i, case in enumerate(determinism_cases(kernel)):
+    for i, case in enumerate(determinism_cases(kernel, small)):
         d = _Draw(seed + i)
         try:
             q, k, v, seqlens = make_inputs(case, d, device)
