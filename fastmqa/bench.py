@@ -50,7 +50,10 @@ def load_results(suite: str, results_dir=None):
     p = results_path(suite, results_dir)
     if not p.exists():
         return None
-    return json.loads(p.read_text())
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON ({e}); rerun `python -m fastmqa.bench {suite}` on the GPU host") from e
 
 
 def write_results(suite: str, data: dict, results_dir=None) -> Path:
@@ -84,7 +87,7 @@ def validate_results(data: dict):
         raise ValueError(f"rows must be a list of dicts, got {type(data['rows']).__name__}")
     for key in ("copy_gbps", "bf16_tflops", "fp32_tflops"):
         v = data["ceilings"].get(key)
-        if not isinstance(v, (int, float)) or not v > 0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
             raise ValueError(f"ceilings.{key} must be a positive number, got {v!r}")
     for i, row in enumerate(data["rows"]):
         for key in ROW_KEYS:
