@@ -13,7 +13,8 @@ Two workloads, both at hidden 4096 and 32 query heads (head_dim 128):
 
 * decode rows (kind "decode"): one new token per sequence against a cache of 4096 tokens,
   B = 1 ... 64, for MHA, GQA-8, MQA (torch.sdpa_gqa_layer), MQA (fastmqa.layer) and MLA
-  (fastmqa.mla, absorbed: attention over the latent cache). gbps is the cache bytes read per
+  (fastmqa.mla, absorbed: attention over the latent cache; "MLA": latent = head_dim + 64 RoPE,
+  "MLA-512": DeepSeek-V2's 512 + 64). gbps is the cache bytes read per
   step / time; tokens_per_s = B / time. "path" says which attention ran (a registry decode
   kernel, "mqa_attention:<prefill kernel or reference>", "sdpa" or "reference").
 
@@ -103,7 +104,10 @@ DECODE_LAYERS = [
     ("GQA-8", "torch.sdpa_gqa_layer", lambda: GQALayer(HIDDEN, HEADS, 8, causal=True)),
     ("MQA", "torch.sdpa_gqa_layer", lambda: GQALayer(HIDDEN, HEADS, 1, causal=True)),
     ("MQA", "fastmqa.layer", lambda: FastMQALayer(HIDDEN, HEADS, causal=True)),
+    # MLA with the latent = head_dim (mla_compression 0.5), and with DeepSeek-V2's 512 + 64 row
     ("MLA", "fastmqa.mla", lambda: MultiHeadLatentAttention(HIDDEN, HEADS, rope_dim=64, causal=True)),
+    ("MLA-512", "fastmqa.mla", lambda: MultiHeadLatentAttention(HIDDEN, HEADS, kv_lora_rank=512, rope_dim=64,
+                                                                 causal=True)),
 ]
 
 

@@ -153,6 +153,28 @@ class KVCache:
         return memory.stats_from_tensors(self.tensors(0), memory.mha(self.num_heads, self.head_dim), tokens)
 
 
+def compare_caches(hidden_dim=4096, num_heads=32, groups=8, kv_lora_rank=None, rope_dim=64, mla_compression=0.5,
+                   dtype=torch.bfloat16, batch=1, seq_len=256):
+    """Allocate one layer's cache for MHA, GQA, MQA and MLA (with and without its RoPE key) and
+    report each from the tensors themselves: shapes, bytes per token, reduction vs MHA."""
+    from .mla import latent_rank
+    H, D = num_heads, head_dim_of(hidden_dim, num_heads)
+    r = latent_rank(D, mla_compression, kv_lora_rank)
+    caches = [("MHA", KVCache("mha", 1, batch, seq_len, H, D, dtype=dtype)),
+              (f"GQA-{groups}", KVCache("gqa", 1, batch, seq_len, H, D, kv_heads=groups, dtype=dtype)),
+              ("MQA", KVCache("mqa", 1, batch, seq_len, H, D, dtype=dtype)),
+              (f"MLA r={r} rope={rope_dim}", KVCache("mla", 1, batch, seq_len, H, D, latent_dim=r + rope_dim, dtype=dtype))]
+    if rope_dim:
+        caches.append((f"MLA r={r} rope=0", KVCache("mla", 1, batch, seq_len, H, D, latent_dim=r, dtype=dtype)))
+    out = []
+    for name, c in caches:
+        st = c.stats()
+        out.append(dict(cache=name, shapes=" + ".join(str(tuple(t.shape)) for t in c.tensors()),
+                        bytes_per_token=st["bytes_per_token"], reduction_percent=round(st["reduction_percent"], 3),
+                        multiplier=round(st["cache_multiplier"], 2)))
+    return out
+
+
 class LayerCache:
     """One layer's view of a KVCache: what a layer's forward receives as kv_cache."""
 

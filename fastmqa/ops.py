@@ -76,8 +76,7 @@ def _reference_fwd(q, k, v, causal, scale):
 
 
 # -- the forward op ----------------------------------------------------------------
-@torch.library.custom_op("fastmqa::mqa_fwd", mutates_args=())
-def mqa_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, impl: str) -> tuple[Tensor, Tensor]:
+def mqa_fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, impl: str) -> tuple[Tensor, Tensor]:
     """q (B, H, Sq, D), k, v (B, Skv, D) -> out (B, H, Sq, D), lse (B, H, Sq).
 
     impl: "" chooses (`select_kernel`), "reference" forces the reference, anything else names
@@ -105,6 +104,9 @@ def mqa_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, impl: s
     return _reference_fwd(q, k, v, causal, scale)
 
 
+mqa_fwd = torch.library.custom_op("fastmqa::mqa_fwd", mqa_fwd_impl, mutates_args=())
+
+
 @mqa_fwd.register_fake
 def _(q, k, v, causal, scale, impl):
     B, H, Sq, D = q.shape
@@ -121,8 +123,7 @@ def _block_rows(B, H, Sq, Skv, itemsize):
     return min(Sq, rows)
 
 
-@torch.library.custom_op("fastmqa::mqa_bwd", mutates_args=())
-def mqa_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+def mqa_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
             causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of mqa_fwd: dq (B, H, Sq, D), dk, dv (B, Skv, D), in the inputs' dtypes.
 
@@ -172,6 +173,9 @@ def mqa_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
             dq[:, :, i0:i1] = torch.matmul(ds, kb.unsqueeze(1)) * scale
             dk[:, :j1] += torch.einsum("bhij,bhid->bjd", ds, qb) * scale
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+mqa_bwd = torch.library.custom_op("fastmqa::mqa_bwd", mqa_bwd_impl, mutates_args=())
 
 
 @mqa_bwd.register_fake

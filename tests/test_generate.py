@@ -127,7 +127,8 @@ def test_gpu_decode_kernel_matches_reference(kind):
     """Ragged bf16 decode on CUDA (the registry decode kernel if one supports it) vs the reference."""
     torch.manual_seed(0)
     layer = (FastMQALayer(1024, 8, causal=True) if kind == "mqa" else
-             DecoderLM(hidden_dim=1024, num_heads=8, attention="mla", rope_dim=64, num_layers=1).blocks[0].attn)
+             DecoderLM(hidden_dim=1024, num_heads=8, attention="mla", kv_lora_rank=512, rope_dim=64,
+                       num_layers=1).blocks[0].attn)   # a 576-wide latent row, as DeepSeek-V2
     layer = layer.cuda().to(torch.bfloat16).eval()
     cache = KVCache.for_layer(layer, batch=3, max_seq_len=300)
     slot = cache.layer(0)

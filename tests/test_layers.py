@@ -268,15 +268,16 @@ def test_bench_layer_suite_plumbing_on_cpu(monkeypatch):
         monkeypatch.setattr(bench_layer, name, val)
     calls = []
     rows, skipped = bench_layer.suite_layer(lambda fn: (fn(), calls.append(1), 1.0)[-1], quick=True)
-    assert not skipped and len(rows) == 3 * 2 * 2 + 5 * 2 and len(calls) == len(rows)
+    assert not skipped and len(rows) == 3 * 2 * 2 + 6 * 2 and len(calls) == len(rows)
     bench.validate_results(dict(suite="layer", device="cpu", torch="", cuda="", date="", rows=rows,
                                 ceilings=dict(copy_gbps=1, bf16_tflops=1, fp32_tflops=1)))
     dec = [r for r in rows if r["kind"] == "decode"]
-    assert {r["attention"] for r in dec} == {"MHA", "GQA-8", "MQA", "MLA"}
+    assert {r["attention"] for r in dec} == {"MHA", "GQA-8", "MQA", "MLA", "MLA-512"}
     by = {(r["attention"], r["impl"], r["B"]): r for r in dec}
     # per-token cache bytes, bf16: MHA 2*H*D*2, GQA-8 2*8*D*2, MQA 2*D*2, MLA (D + 64)*2
     assert by[("MHA", "torch.sdpa_gqa_layer", 1)]["bytes_per_token"] == 2 * 8 * 8 * 2
     assert by[("GQA-8", "torch.sdpa_gqa_layer", 1)]["bytes_per_token"] == 2 * 8 * 8 * 2
     assert by[("MQA", "fastmqa.layer", 16)]["bytes_per_token"] == 2 * 8 * 2
     assert by[("MLA", "fastmqa.mla", 16)]["bytes_per_token"] == (8 + 64) * 2
+    assert by[("MLA-512", "fastmqa.mla", 1)]["bytes_per_token"] == (512 + 64) * 2
     assert {r["pass"] for r in rows if r["kind"] == "layer"} == {"fwd", "fwd+bwd"}

@@ -165,6 +165,68 @@ class FunctionCheck:
         return self.fn_check(fn, ctx)
 
 
+# -- chapters 09 (layer) and 10 (MLA): checks of their kernel exercises --------------------
+
+def _rule_case(name, out, ref64, torch_out, axes):
+    """CaseResult of the tolerance rule for out vs ref64; `axes` names the index of the worst element."""
+    ok, err, tol, where, nan = compare_tensors(out, ref64, torch_out)
+    if ok:
+        return CaseResult(name, True, f"max err {err:.1e} <= tol {tol:.1e}")
+    return CaseResult(name, False, "output has NaN or inf" if nan else
+                      f"max err {err:.2e} > tol {tol:.2e}; worst at {axes} = {where}")
+
+
+def _check_mqa_dv(fn, ctx, shapes=((1, 2, 4, 4, 8), (2, 3, 5, 7, 8), (1, 2, 7, 5, 8))):
+    """fn(q, k, dout, lse, causal=...) -> dV (B, Skv, D) of MQA, vs the fp64 autograd of the reference."""
+    from ..ops import mqa_attention
+    from ..reference import attention_ref
+    results = []
+    for (B, H, Sq, Skv, D) in shapes:
+        for causal in (False, True):
+            name = _shape_name(B, H, Sq, Skv, D, causal)
+
+            def case(B=B, H=H, Sq=Sq, Skv=Skv, D=D, causal=causal, name=name):
+                g = torch.Generator().manual_seed(100 * Sq + Skv)
+                q, dout = torch.randn(B, H, Sq, D, generator=g), torch.randn(B, H, Sq, D, generator=g)
+                k, v = torch.randn(B, Skv, D, generator=g), torch.randn(B, Skv, D, generator=g)
+                lse = mqa_attention(q, k, v, causal=causal, return_lse=True)[1]
+
+                def dv(dtype):
+                    vv = v.to(dtype).requires_grad_()
+                    attention_ref(q.to(dtype), k.to(dtype), vv, causal=causal).backward(dout.to(dtype))
+                    return vv.grad
+                out = fn(q, k, dout, lse, causal=causal)
+                bad = _tensor_or_error(name, out, (B, Skv, D))
+                if bad:
+                    return bad
+                return _rule_case(name, out, dv(torch.float64), dv(torch.float32), "(b, j, d)")
+            results.append(_run_case(name, case))
+    return results
+
+
+def _check_mla_decode(fn, ctx, shapes=((2, 3, 9, 8, 4, (9, 4)), (1, 4, 6, 16, 0, (6,)), (3, 2, 5, 8, 8, (5, 0, 1)))):
+    """fn(q, cache, cache_seqlens, kv_lora_rank, scale=...) -> (B, H, r): one decode row per head over
+    the latent cache, value = the first r columns; vs the fp64 reference with seqlens."""
+    from ..reference import attention_ref
+    results = []
+    for (B, H, S, r, dr, lens) in shapes:
+        name = f"B={B} H={H} Smax={S} r={r} rope={dr} lengths={list(lens)}"
+
+        def case(B=B, H=H, S=S, r=r, dr=dr, lens=lens, name=name):
+            g = torch.Generator().manual_seed(10 * S + r)
+            q, cache = torch.randn(B, H, r + dr, generator=g), torch.randn(B, S, r + dr, generator=g)
+            seqlens = torch.tensor(lens, dtype=torch.int32)
+            ref = lambda t: attention_ref(q.to(t)[:, :, None], cache.to(t), cache.to(t), scale=0.2,
+                                          seqlens=seqlens)[:, :, 0, :r]
+            out = fn(q, cache, seqlens, r, scale=0.2)
+            bad = _tensor_or_error(name, out, (B, H, r))
+            if bad:
+                return bad
+            return _rule_case(name, out, ref(torch.float64), ref(torch.float32), "(b, h, c)")
+        results.append(_run_case(name, case))
+    return results
+
+
 # -- the registry -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -193,6 +255,14 @@ EXERCISES: list[Exercise] = [
     Exercise("ex-02-per-element", "02_naive", "One thread per output element (b, h, i, d)",
              name="mqa_per_element", check=AttentionCheck(causal=(False, True)),
              hint="thread t owns d = t % D of row t // D; recompute the row's max and sum, accumulate p * v[b, j, d]"),
+    Exercise("ex-09-dv", "09_layer", "The dV kernel of the MQA backward",
+             name="mqa_dv", check=FunctionCheck(_check_mqa_dv),
+             hint="thread (b, j, d) sums exp(scale * q_i . k_j - lse_i) * dout[b, h, i, d] over every head h "
+                  "and every row i that sees key j (causal: j <= i + Skv - Sq)"),
+    Exercise("ex-10-mla-decode", "10_mla", "An MLA decode kernel over the latent cache",
+             name="mla_decode", check=FunctionCheck(_check_mla_decode),
+             hint="one thread per (b, h): keys are the whole cache row (r + rope numbers), values its first r; "
+                  "only the first cache_seqlens[b] rows count, and a sequence of length 0 gives zeros"),
 ]
 
 
