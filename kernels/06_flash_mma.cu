@@ -21,6 +21,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "mqa_params.cuh"
 
 namespace {
@@ -45,6 +47,15 @@ __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// 2^x in one MUFU.EX2. exp2f() without --use_fast_math also handles results below 2^-126
+// (three more instructions per exponent); flushing those to zero changes no softmax weight
+// that matters next to the row maximum's weight of 1.
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 template <typename T> struct Mma;
@@ -100,25 +111,9 @@ struct Cfg {
   static constexpr int SMEM = Q_BYTES + 4 * KV_BYTES;  // Q, K[2], V[2]
 };
 
-// A block of the grid's work: BM packed rows m0.. of batch b; rows are (i, h) pairs, row = i * H + h.
-struct Block {
-  int b, m0, n_tiles, mask_from;
-};
-template <int BN>
-__device__ __forceinline__ Block block_info(int blk, int B, int H, int Sq, int Skv, int causal) {
-  Block w;
-  const int nmb = (H * Sq + BM - 1) / BM;
-  w.b = blk % B;
-  w.m0 = (nmb - 1 - blk / B) * BM;  // blocks are numbered longest (most keys, causal) first
-  const int off = Skv - Sq, i_first = w.m0 / H, i_last = min(Sq - 1, (w.m0 + BM - 1) / H);
-  const int kv_end = causal ? min(Skv, max(0, i_last + off + 1)) : Skv;  // the last row sees the most
-  w.n_tiles = (kv_end + BN - 1) / BN;
-  // tiles from mask_from on cross Skv or some row's causal diagonal and need the mask
-  w.mask_from = causal ? min(Skv / BN, max(0, i_first + off + 1) / BN) : Skv / BN;
-  return w;
-}
-
-template <typename T, int D, int BN, bool Q_IN_REGS, int MINB>
+// FAST: ex2.approx.ftz for the exponentials, and O is rescaled only when some row's max moved
+// (a warp vote); without it, exp2f and an unconditional rescale (the first measured version).
+template <typename T, int D, int BN, bool Q_IN_REGS, int MINB, bool FAST>
 __global__ void __launch_bounds__(NT, MINB)
 mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D)
                      const T* __restrict__ k,   // (B, Skv, D)
@@ -128,64 +123,69 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D)
                      int B, int H, int Sq, int Skv, float scale, int causal) {
   using C = Cfg<T, D, BN, Q_IN_REGS>;
   extern __shared__ __align__(128) unsigned char smem[];
-  // Per block, per packed row r: element offset of row (b, h, i) in q and o (-1: padding row
-  // past H * Sq) and its query position i. Two copies: the next block's rows are filled in
-  // while the current block is finishing. Each warp writes and reads only its own 32 rows.
-  __shared__ int row_q[2][BM], row_i[2][BM];
+  __shared__ int row_q[BM];  // element offset of tile row r in q and o, or -1 past H * Sq rows
+  __shared__ int row_i[BM];  // its query position i
   const uint32_t sQ = smem_u32(smem);
   const uint32_t sK0 = sQ + C::Q_BYTES, sV0 = sK0 + 2 * C::KV_BYTES;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, tq = lane & 3;  // mma fragment coordinates: row group, thread in quad
-  const int off = Skv - Sq, total = B * ((H * Sq + BM - 1) / BM);
-  const float scale_log2 = scale * 1.4426950408889634f;  // exp(x * scale) = exp2(x * scale_log2)
+  const int nmb = (H * Sq + BM - 1) / BM;
+  const int mb = nmb - 1 - (int)(blockIdx.x / B);  // the blocks with the most keys go first
+  const int b = blockIdx.x % B;
+  const int m0 = mb * BM, off = Skv - Sq;
+  const T* kb = k + (size_t)b * Skv * D;
+  const T* vb = v + (size_t)b * Skv * D;
 
-  // The blocks of this CTA: round r takes block r * G + c, or r * G + G - 1 - c on odd rounds
-  // (G CTAs; the snake order evens out causal blocks, whose lengths fall with the number).
-  // A grid of `total` CTAs is the plain one-block-per-CTA launch. Blocks with no key at all
-  // (causal, Sq > Skv) are written here as zeros with lse = -inf and skipped.
-  const int G = gridDim.x, c = blockIdx.x;
-  auto next_block = [&](int& round) -> int {
-    for (;; ++round) {
-      if (round * G >= total) return -1;
-      const int blk = round * G + ((round & 1) ? G - 1 - c : c);
-      if (blk >= total) continue;
-      if (block_info<BN>(blk, B, H, Sq, Skv, causal).n_tiles > 0) return blk;
-      const Block e = block_info<BN>(blk, B, H, Sq, Skv, causal);
-      const int row = e.m0 + warp * 32 + lane;  // each lane writes one whole row
-      if (row < H * Sq) {
-        const size_t base = ((size_t)e.b * H + row % H) * Sq + row / H;
-#pragma unroll
-        for (int ch = 0; ch < D / 8; ++ch) reinterpret_cast<uint4*>(o + base * D)[ch] = make_uint4(0, 0, 0, 0);
-        if (lse) lse[base] = -INFINITY;
-      }
-    }
-  };
-  // Row table and Q rows of block w for this warp's 32 rows (warp-private: only __syncwarp).
-  auto load_q = [&](const Block& w, int buf) {
-    {
-      const int r = warp * 32 + lane, row = w.m0 + r;
-      const bool in = row < H * Sq;
-      row_q[buf][r] = in ? (int)((((size_t)w.b * H + row % H) * Sq + row / H) * D) : -1;
-      row_i[buf][r] = in ? row / H : Sq - 1;
-    }
-    __syncwarp();
+  // Packed rows (i, h): row m0 + r of the block is query i = (m0 + r) / H of head (m0 + r) % H.
+  const int i_first = m0 / H, i_last = min(Sq - 1, (m0 + BM - 1) / H);
+  const int kv_end = causal ? min(Skv, max(0, i_last + off + 1)) : Skv;
+  const int n_tiles = (kv_end + BN - 1) / BN;
+  const int mask_from = causal ? min(Skv / BN, max(0, i_first + off + 1) / BN) : Skv / BN;
+
+  // K and V of the first tile start loading at once; Q after its row table is built.
+  if (n_tiles > 0) load_kv<D, BN>(sK0, kb, 0, Skv, tid);
+  {
+    const int row = m0 + tid, i = row / H, h = row % H;  // NT == BM: one row per thread
+    row_q[tid] = row < H * Sq ? (int)((((size_t)b * H + h) * Sq + i) * D) : -1;
+    row_i[tid] = i;
+  }
+  __syncthreads();
+  {
     constexpr int CH = D / 8;
+    const int c = tid % CH;
 #pragma unroll
-    for (int it = 0; it < CH; ++it) {
-      const int r = warp * 32 + lane / CH + it * (32 / CH), base = row_q[buf][r];
-      cp_async16(sQ + swz<D>(r, lane % CH), q + max(base, 0) + (lane % CH) * 8, base >= 0);
+    for (int it = 0; it < BM * CH / NT; ++it) {
+      const int r = tid / CH + it * (NT / CH), base = row_q[r];
+      cp_async16(sQ + swz<D>(r, c), q + max(base, 0) + c * 8, base >= 0);
     }
-  };
-
-  int round = 0, blk = next_block(round), buf = 0;
-  if (blk < 0) return;
-  Block cur = block_info<BN>(blk, B, H, Sq, Skv, causal);
-  load_kv<D, BN>(sK0, k + (size_t)cur.b * Skv * D, 0, Skv, tid);
-  load_q(cur, buf);
+  }
   cp_async_commit();  // group: K[0] and Q
-  load_kv<D, BN>(sV0, v + (size_t)cur.b * Skv * D, 0, Skv, tid);
+  if (n_tiles > 0) load_kv<D, BN>(sV0, vb, 0, Skv, tid);
   cp_async_commit();  // group: V[0], waited for only before the first P V
+
+  // This thread's 4 rows: warp * 32 + mt * 16 + g + 8 * hf; the last key each may see.
+  int jlim[WM][2];
+#pragma unroll
+  for (int mt = 0; mt < WM; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int i = min(row_i[warp * 32 + mt * 16 + g + 8 * hf], Sq - 1);
+      jlim[mt][hf] = causal ? min(Skv - 1, i + off) : Skv - 1;
+    }
+
+  const float scale_log2 = scale * 1.4426950408889634f;  // exp(x * scale) = exp2(x * scale_log2)
+  float acc_o[WM][C::NO][4];
+  float m_run[WM][2], l_run[WM][2];  // running max (raw score units) and partial row sum
+#pragma unroll
+  for (int mt = 0; mt < WM; ++mt) {
+#pragma unroll
+    for (int n = 0; n < C::NO; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mt][n][e] = 0.f;
+    m_run[mt][0] = m_run[mt][1] = -INFINITY;
+    l_run[mt][0] = l_run[mt][1] = 0.f;
+  }
 
   // ldmatrix lane offsets. Lanes 8m..8m+7 give the 8 row addresses of matrix m of an x4:
   //   Q (A of S):  rows +0/+8 by m & 1, chunk +0/+1 by m >> 1  -> a0 a1 a2 a3
@@ -211,225 +211,220 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D)
 #define LDSM_OFF(off, s, rows) ((off)[(s) & 3] + ((s) >> 2) * 128 + (rows) * D * 2)
 
   uint32_t qf[Q_IN_REGS ? WM : 1][Q_IN_REGS ? C::KS : 1][4];
-  int stage = 0;        // K/V buffer of the current tile; the tile stream runs on across blocks
-  bool first = true;    // the CTA's first tile: V[0] is waited for separately
-  for (;;) {
-    // This thread's 4 rows: warp * 32 + mt * 16 + g + 8 * hf; the last key each may see.
-    int jlim[WM][2];
-    float acc_o[WM][C::NO][4];
-    float m_run[WM][2], l_run[WM][2];  // running max (raw score units) and partial row sum
-#pragma unroll
-    for (int mt = 0; mt < WM; ++mt) {
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        jlim[mt][hf] = causal ? min(Skv - 1, row_i[buf][warp * 32 + mt * 16 + g + 8 * hf] + off) : Skv - 1;
-        m_run[mt][hf] = -INFINITY;
-        l_run[mt][hf] = 0.f;
-      }
-#pragma unroll
-      for (int n = 0; n < C::NO; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_o[mt][n][e] = 0.f;
-    }
-    int next_round = round + 1;
-    const int nblk = next_block(next_round);
-    const Block nxt = block_info<BN>(nblk < 0 ? 0 : nblk, B, H, Sq, Skv, causal);
-    const T* kb = k + (size_t)cur.b * Skv * D;
-    const T* vb = v + (size_t)cur.b * Skv * D;
 
-    for (int t = 0; t < cur.n_tiles; ++t, stage ^= 1) {
-      const int n0 = t * BN;
-      const uint32_t sK = sK0 + stage * C::KV_BYTES, sV = sV0 + stage * C::KV_BYTES;
-      if (first && t == 0) cp_async_wait_1();  // Q and K[0] (V[0] may still be in flight)
-      else cp_async_wait_all();
-      __syncthreads();  // K and V of tile t landed; every warp is done with the previous tile's buffers
-      const bool last = t + 1 == cur.n_tiles;
-      const uint32_t nb = (stage ^ 1) * C::KV_BYTES;
-      if (!last) {
-        load_kv<D, BN>(sK0 + nb, kb, n0 + BN, Skv, tid);
-        load_kv<D, BN>(sV0 + nb, vb, n0 + BN, Skv, tid);
-      } else if (nblk >= 0) {  // the first tile of this CTA's next block
-        load_kv<D, BN>(sK0 + nb, k + (size_t)nxt.b * Skv * D, 0, Skv, tid);
-        load_kv<D, BN>(sV0 + nb, v + (size_t)nxt.b * Skv * D, 0, Skv, tid);
+  for (int t = 0; t < n_tiles; ++t) {
+    const int n0 = t * BN;
+    const uint32_t sK = sK0 + (t & 1) * C::KV_BYTES, sV = sV0 + (t & 1) * C::KV_BYTES;
+    if (t == 0) cp_async_wait_1();  // Q and K[0] (V[0] may still be in flight)
+    else cp_async_wait_all();
+    __syncthreads();  // K and V of tile t landed; every warp is done with tile t-1's buffers
+    if (t + 1 < n_tiles) {
+      const uint32_t nb = ((t + 1) & 1) * C::KV_BYTES;
+      load_kv<D, BN>(sK0 + nb, kb, n0 + BN, Skv, tid);
+      load_kv<D, BN>(sV0 + nb, vb, n0 + BN, Skv, tid);
+    }
+    cp_async_commit();
+    if constexpr (Q_IN_REGS) {
+      if (t == 0) {  // Q's A fragments stay in registers for the whole K/V sweep
+#pragma unroll
+        for (int mt = 0; mt < WM; ++mt)
+#pragma unroll
+          for (int ks = 0; ks < C::KS; ++ks) ldsm_x4(qf[mt][ks], sQ + LDSM_OFF(qo, ks, mt * 16));
       }
-      cp_async_commit();
-      if constexpr (Q_IN_REGS) {
-        if (t == 0) {  // Q's A fragments stay in registers for the whole K/V sweep
+    }
+
+    // S = Q K^T on tensor cores: (32, BN) per warp.
+    float s[WM][C::NS][4];
 #pragma unroll
-          for (int mt = 0; mt < WM; ++mt)
+    for (int mt = 0; mt < WM; ++mt)
 #pragma unroll
-            for (int ks = 0; ks < C::KS; ++ks) ldsm_x4(qf[mt][ks], sQ + LDSM_OFF(qo, ks, mt * 16));
+      for (int n = 0; n < C::NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][n][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < C::KS; ++ks) {
+      uint32_t a[WM][4];
+#pragma unroll
+      for (int mt = 0; mt < WM; ++mt) {
+        if constexpr (Q_IN_REGS) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) a[mt][e] = qf[mt][ks][e];
+        } else {
+          ldsm_x4(a[mt], sQ + LDSM_OFF(qo, ks, mt * 16));
         }
       }
+#pragma unroll
+      for (int np = 0; np < C::NS / 2; ++np) {
+        uint32_t bk[4];  // b0, b1 of keys np*16..+7, then b0, b1 of keys np*16+8..+15
+        ldsm_x4(bk, sK + LDSM_OFF(ko, ks, np * 16));
+#pragma unroll
+        for (int mt = 0; mt < WM; ++mt) {
+          Mma<T>::run(s[mt][2 * np], a[mt], bk[0], bk[1]);
+          Mma<T>::run(s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+        }
+      }
+    }
 
-      // S = Q K^T on tensor cores: (32, BN) per warp.
-      float s[WM][C::NS][4];
+    // Mask (only tiles that cross Skv or a causal diagonal), then the online softmax.
+    if (t >= mask_from) {
 #pragma unroll
       for (int mt = 0; mt < WM; ++mt)
 #pragma unroll
         for (int n = 0; n < C::NS; ++n)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s[mt][n][e] = 0.f;
-#pragma unroll
-      for (int ks = 0; ks < C::KS; ++ks) {
-        uint32_t a[WM][4];
-#pragma unroll
-        for (int mt = 0; mt < WM; ++mt) {
-          if constexpr (Q_IN_REGS) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) a[mt][e] = qf[mt][ks][e];
-          } else {
-            ldsm_x4(a[mt], sQ + LDSM_OFF(qo, ks, mt * 16));
+          for (int e = 0; e < 4; ++e) {
+            int j = n0 + n * 8 + 2 * tq + (e & 1);
+            if (j > jlim[mt][e >> 1]) s[mt][n][e] = -INFINITY;
           }
+    }
+    uint32_t pa[WM][C::KP][4];  // P as bf16/fp16 A fragments of the P V product
+    float alpha[WM][2];         // rescale factors exp(m_old - m_new) of this thread's rows
+#pragma unroll
+    for (int mt = 0; mt < WM; ++mt) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float mx = m_run[mt][hf];
+#pragma unroll
+        for (int n = 0; n < C::NS; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * hf], s[mt][n][2 * hf + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share the row
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;  // no key yet: p = 0
+        const float a = m_run[mt][hf] * scale_log2 - m_scaled;
+        alpha[mt][hf] = FAST ? ex2(a) : exp2f(a);
+        m_run[mt][hf] = mx;
+        float ls = 0.f;
+#pragma unroll
+        for (int n = 0; n < C::NS; ++n) {
+          const float a0 = fmaf(s[mt][n][2 * hf], scale_log2, -m_scaled);
+          const float a1 = fmaf(s[mt][n][2 * hf + 1], scale_log2, -m_scaled);
+          const float p0 = FAST ? ex2(a0) : exp2f(a0), p1 = FAST ? ex2(a1) : exp2f(a1);
+          s[mt][n][2 * hf] = p0;
+          s[mt][n][2 * hf + 1] = p1;
+          ls += p0 + p1;
         }
-#pragma unroll
-        for (int np = 0; np < C::NS / 2; ++np) {
-          uint32_t bk[4];  // b0, b1 of keys np*16..+7, then b0, b1 of keys np*16+8..+15
-          ldsm_x4(bk, sK + LDSM_OFF(ko, ks, np * 16));
-#pragma unroll
-          for (int mt = 0; mt < WM; ++mt) {
-            Mma<T>::run(s[mt][2 * np], a[mt], bk[0], bk[1]);
-            Mma<T>::run(s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
-          }
-        }
+        l_run[mt][hf] = l_run[mt][hf] * alpha[mt][hf] + ls;
       }
-      if (last && nblk >= 0) {  // this warp is done with its Q rows: fetch the next block's
-        __syncwarp();
-        load_q(nxt, buf ^ 1);
-        cp_async_commit();
-      }
-
-      // Mask (only tiles that cross Skv or a causal diagonal), then the online softmax.
-      if (t >= cur.mask_from) {
-#pragma unroll
-        for (int mt = 0; mt < WM; ++mt)
-#pragma unroll
-          for (int n = 0; n < C::NS; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              int j = n0 + n * 8 + 2 * tq + (e & 1);
-              if (j > jlim[mt][e >> 1]) s[mt][n][e] = -INFINITY;
-            }
-      }
-      uint32_t pa[WM][C::KP][4];  // P as bf16/fp16 A fragments of the P V product
-#pragma unroll
-      for (int mt = 0; mt < WM; ++mt) {
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          float mx = m_run[mt][hf];
-#pragma unroll
-          for (int n = 0; n < C::NS; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * hf], s[mt][n][2 * hf + 1]));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share the row
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;  // no key yet: p = 0
-          const float alpha = exp2f(m_run[mt][hf] * scale_log2 - m_scaled);
-          m_run[mt][hf] = mx;
-          float ls = 0.f;
-#pragma unroll
-          for (int n = 0; n < C::NS; ++n) {
-            float p0 = exp2f(fmaf(s[mt][n][2 * hf], scale_log2, -m_scaled));
-            float p1 = exp2f(fmaf(s[mt][n][2 * hf + 1], scale_log2, -m_scaled));
-            s[mt][n][2 * hf] = p0;
-            s[mt][n][2 * hf + 1] = p1;
-            ls += p0 + p1;
-          }
-          l_run[mt][hf] = l_run[mt][hf] * alpha + ls;
-#pragma unroll
-          for (int n = 0; n < C::NO; ++n) {
-            acc_o[mt][n][2 * hf] *= alpha;
-            acc_o[mt][n][2 * hf + 1] *= alpha;
-          }
-        }
-        // Accumulator (row g / g+8, cols 2tq, 2tq+1) of n-tiles 2kk, 2kk+1 = A fragment of k-step kk.
-#pragma unroll
-        for (int kk = 0; kk < C::KP; ++kk) {
-          pa[mt][kk][0] = Mma<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-          pa[mt][kk][1] = Mma<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-          pa[mt][kk][2] = Mma<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-          pa[mt][kk][3] = Mma<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-        }
-      }
-
-      if (first && t == 0) {  // V[0] (every group but the newest is complete after this)
-        cp_async_wait_1();
-        __syncthreads();
-      }
-      // O += P V on tensor cores; V's B fragments come from ldmatrix.trans of the row-major tile.
+      // Accumulator (row g / g+8, cols 2tq, 2tq+1) of n-tiles 2kk, 2kk+1 = A fragment of k-step kk.
 #pragma unroll
       for (int kk = 0; kk < C::KP; ++kk) {
+        pa[mt][kk][0] = Mma<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[mt][kk][1] = Mma<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[mt][kk][2] = Mma<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[mt][kk][3] = Mma<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+    }
+    // Rescale O by alpha. Once the running maxima settle (most tiles of a long row), every
+    // alpha is exactly 1 and the warp skips the D / 2 multiplications per row.
+    bool moved = !FAST;
 #pragma unroll
-        for (int dp = 0; dp < C::NO / 2; ++dp) {
-          uint32_t bv[4];  // b0, b1 of d-tile 2dp, then b0, b1 of d-tile 2dp+1
-          ldsm_x4_trans(bv, sV + LDSM_OFF(vo, dp, kk * 16));
+    for (int mt = 0; mt < WM; ++mt) moved = moved || alpha[mt][0] != 1.f || alpha[mt][1] != 1.f;
+    if (!FAST || __any_sync(0xffffffffu, moved)) {
 #pragma unroll
-          for (int mt = 0; mt < WM; ++mt) {
-            Mma<T>::run(acc_o[mt][2 * dp], pa[mt][kk], bv[0], bv[1]);
-            Mma<T>::run(acc_o[mt][2 * dp + 1], pa[mt][kk], bv[2], bv[3]);
-          }
+      for (int mt = 0; mt < WM; ++mt)
+#pragma unroll
+        for (int n = 0; n < C::NO; ++n) {
+          acc_o[mt][n][0] *= alpha[mt][0];
+          acc_o[mt][n][1] *= alpha[mt][0];
+          acc_o[mt][n][2] *= alpha[mt][1];
+          acc_o[mt][n][3] *= alpha[mt][1];
+        }
+    }
+
+    if (t == 0) {  // V[0]: the group before the one just committed
+      cp_async_wait_1();
+      __syncthreads();
+    }
+    // O += P V on tensor cores; V's B fragments come from ldmatrix.trans of the row-major tile.
+#pragma unroll
+    for (int kk = 0; kk < C::KP; ++kk) {
+#pragma unroll
+      for (int dp = 0; dp < C::NO / 2; ++dp) {
+        uint32_t bv[4];  // b0, b1 of d-tile 2dp, then b0, b1 of d-tile 2dp+1
+        ldsm_x4_trans(bv, sV + LDSM_OFF(vo, dp, kk * 16));
+#pragma unroll
+        for (int mt = 0; mt < WM; ++mt) {
+          Mma<T>::run(acc_o[mt][2 * dp], pa[mt][kk], bv[0], bv[1]);
+          Mma<T>::run(acc_o[mt][2 * dp + 1], pa[mt][kk], bv[2], bv[3]);
         }
       }
     }
-    first = false;
-
-    // Epilogue: l over the quad, normalise, store straight from the accumulators (each quad
-    // writes 16 contiguous bytes of a row per n8 tile; shared memory is busy with the next block).
-#pragma unroll
-    for (int mt = 0; mt < WM; ++mt)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        float l = l_run[mt][hf];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that saw no key: zeros, lse = -inf
-        const int base = row_q[buf][warp * 32 + mt * 16 + g + 8 * hf];
-        if (base < 0) continue;
-#pragma unroll
-        for (int n = 0; n < C::NO; ++n)
-          *reinterpret_cast<uint32_t*>(o + base + n * 8 + 2 * tq) =
-              Mma<T>::pack(acc_o[mt][n][2 * hf] * inv, acc_o[mt][n][2 * hf + 1] * inv);
-        if (lse && tq == 0) lse[base / D] = l > 0.f ? m_run[mt][hf] * scale + logf(l) : -INFINITY;
-      }
-    if (nblk < 0) break;
-    cur = nxt;
-    round = next_round;
-    buf ^= 1;
   }
 #undef LDSM_OFF
   cp_async_wait_all();
+  if (n_tiles == 0) __syncthreads();  // other warps' cp.async of this warp's Q rows must land first
+
+  // Epilogue: l over the quad, normalise, stage the warp's 32 rows in its own rows of the Q
+  // tile (no other warp reads them), then 16-byte coalesced stores of whole rows.
+#pragma unroll
+  for (int mt = 0; mt < WM; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float l = l_run[mt][hf];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that saw no key: zeros, lse = -inf
+      const int r = warp * 32 + mt * 16 + g + 8 * hf;
+#pragma unroll
+      for (int n = 0; n < C::NO; ++n) {
+        uint32_t val = Mma<T>::pack(acc_o[mt][n][2 * hf] * inv, acc_o[mt][n][2 * hf + 1] * inv);
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sQ + swz<D>(r, n) + tq * 4), "r"(val));
+      }
+      const int base = row_q[r];
+      if (lse && tq == 0 && base >= 0) lse[base / D] = l > 0.f ? m_run[mt][hf] * scale + logf(l) : -INFINITY;
+    }
+  __syncwarp();
+  {
+    constexpr int CH = D / 8;
+    const int c = lane % CH;
+#pragma unroll
+    for (int it = 0; it < CH; ++it) {
+      const int r = warp * 32 + lane / CH + it * (32 / CH), base = row_q[r];
+      if (base >= 0) {
+        uint4 val;
+        asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w) : "r"(sQ + swz<D>(r, c)));
+        *reinterpret_cast<uint4*>(o + base + c * 8) = val;
+      }
+    }
+  }
 }
 
-template <typename T, int D, int BN, bool QR, int MINB>
-int launch(const MQAParams& p, bool persistent) {
+template <typename T, int D, int BN, bool QR, int MINB, bool FAST>
+int launch(const MQAParams& p) {
   using C = Cfg<T, D, BN, QR>;
-  auto kern = mqa_flash_mma_kernel<T, D, BN, QR, MINB>;
+  auto kern = mqa_flash_mma_kernel<T, D, BN, QR, MINB, FAST>;
   if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM) != cudaSuccess)
     return FASTMQA_UNSUPPORTED;
-  const int total = p.B * ((p.H * p.Sq + BM - 1) / BM);
-  // Persistent: as many CTAs as fit at once (MINB per SM), each walking several blocks, so the
-  // next block's Q and first K/V tile load while the current block computes its last tile.
-  const int grid = persistent ? min(total, MINB * p.num_sms) : total;
-  kern<<<grid, NT, C::SMEM, p.stream>>>((const T*)p.q, (const T*)p.k, (const T*)p.v, (T*)p.o, p.lse, p.B, p.H,
-                                        p.Sq, p.Skv, p.scale, p.causal);
+  const int nmb = (p.H * p.Sq + BM - 1) / BM;
+  kern<<<nmb * p.B, NT, C::SMEM, p.stream>>>((const T*)p.q, (const T*)p.k, (const T*)p.v, (T*)p.o, p.lse, p.B, p.H,
+                                             p.Sq, p.Skv, p.scale, p.causal);
   return 0;
 }
 
-template <typename T>
-int dispatch(const MQAParams& p) {
-  // p.num_splits is unused by a prefill kernel; 10 * persistent + cfg picks an experimental
-  // configuration (scripts/dev_flash.py times them); 0 is the default, chosen from its timings.
-  const int v = p.num_splits, cfg = v % 10;
-  const bool persistent = v ? (v / 10) % 2 == 1 : false;
-  if (p.D == 128) return launch<T, 128, 64, false, 2>(p, persistent);
+template <typename T, bool FAST>
+int dispatch(const MQAParams& p, int cfg) {
+  if (p.D == 128) return launch<T, 128, 64, false, 2, FAST>(p);
   if (p.D == 64) {
-    // 128-key tiles halve the per-tile softmax and barrier work; with a causal mask and short
-    // sequences 64-key tiles waste fewer masked keys on the diagonal, and a lighter kernel
-    // (3 CTAs per SM) hides the start of each block better.
-    const int c = cfg ? cfg : (!p.causal || p.Skv >= 4096) ? 2 : p.Skv >= 2048 ? 1 : 3;
-    if (c == 2) return launch<T, 64, 128, false, 2>(p, persistent);
-    if (c == 3) return launch<T, 64, 64, false, 3>(p, persistent);
-    return launch<T, 64, 64, true, 2>(p, persistent);
+    // 128-key tiles (half the softmax and barrier work per key) unless a causal mask over
+    // short sequences makes the diagonal's masked keys and the start of each block weigh
+    // more; then 64-key tiles, and below 2048 keys the lighter kernel with 3 CTAs per SM.
+    if (cfg < 1 || cfg > 3) cfg = (!p.causal || p.Skv >= 4096) ? 2 : p.Skv >= 2048 ? 1 : 3;
+    if (cfg == 2) return launch<T, 64, 128, false, 2, FAST>(p);
+    if (cfg == 3) return launch<T, 64, 64, false, 3, FAST>(p);
+    return launch<T, 64, 64, true, 2, FAST>(p);
   }
   return FASTMQA_UNSUPPORTED;
+}
+
+// p.num_splits is unused by a prefill kernel; scripts/dev_flash.py passes 10 * slow + cfg to
+// time the variants (slow: exp2f and unconditional rescale; cfg 1..3: the D = 64 tile shapes,
+// bf16 only). 0 is the default, chosen from those timings.
+template <typename T>
+int dispatch(const MQAParams& p) {
+  const int cfg = p.num_splits % 10;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value)
+    if (p.num_splits / 10 == 1) return dispatch<T, false>(p, cfg);
+  return dispatch<T, true>(p, cfg);
 }
 
 }  // namespace

@@ -183,7 +183,7 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--v05", default="0,1,2,3,4", help="05 variants (num_splits) to check and time")
-    ap.add_argument("--v06", default="0,10,1,11,2,12,3,13", help="06 variants (10*persistent+cfg) to check and time")
+    ap.add_argument("--v06", default="0,10,1,2,3,11,12,13", help="06 variants (10*slow+cfg, bf16) to check and time")
     ap.add_argument("--v06-seqs", default="512,1024,4096,16384", help="S at which 06 variants are timed")
     args = ap.parse_args()
     out = Path(args.out)
