@@ -25,6 +25,7 @@ zero gradients, never NaN. The backward itself is not differentiable (no double 
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Optional
@@ -36,7 +37,7 @@ from . import validate
 from .reference import attention_ref
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BWD_BLOCK_BYTES = 256 * 2**20   # the most fp32 score bytes the backward holds at once
+BWD_BLOCK_BYTES = 512 * 2**20   # the most fp32 score bytes the backward holds at once
 
 _failed: set = set()             # kernels whose build failed here: not tried again
 
@@ -64,6 +65,16 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _autocast_off(fn):
+    """A custom op's implementation runs below the autocast dispatch key, but autocast stays on
+    for the torch calls inside it and would silently redo our fp32 work in bf16: switch it off."""
+    @functools.wraps(fn)
+    def wrapper(*args):
+        with torch.autocast(device_type=args[0].device.type, enabled=False):  # q or dout: the device
+            return fn(*args)
+    return wrapper
+
+
 def _reference_fwd(q, k, v, causal, scale):
     """Reference forward with lse; fp16/bf16 are computed in fp32 and rounded once."""
     if k.shape[1] == 0:  # nothing to attend to: the documented fully-masked result
@@ -76,11 +87,12 @@ def _reference_fwd(q, k, v, causal, scale):
 
 
 # -- the forward op ----------------------------------------------------------------
+@_autocast_off
 def mqa_fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, impl: str) -> tuple[Tensor, Tensor]:
     """q (B, H, Sq, D), k, v (B, Skv, D) -> out (B, H, Sq, D), lse (B, H, Sq).
 
     impl: "" chooses (`select_kernel`), "reference" forces the reference, anything else names
-    a registry kernel.
+    a registry kernel. Computes in q's dtype: autocast does not reach inside (`_autocast_off`).
     """
     D = q.shape[-1]
     if impl == "reference":
@@ -123,6 +135,7 @@ def _block_rows(B, H, Sq, Skv, itemsize):
     return min(Sq, rows)
 
 
+@_autocast_off
 def mqa_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
             causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of mqa_fwd: dq (B, H, Sq, D), dk, dv (B, Skv, D), in the inputs' dtypes.
@@ -133,7 +146,7 @@ def mqa_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         dP  = dO V^T,   D_i = rowsum(dO * O)
         dS  = P * (dP - D_i + dlse_i)                 dlse: the gradient reaching lse, if any
         dQ  = dS K * scale,   dK += sum_h dS^T Q * scale
-    All in fp32 (fp64 for fp64 inputs), whatever the input dtype.
+    All in fp32 (fp64 for fp64 inputs), whatever the input dtype, autocast or not.
     """
     B, H, Sq, D = q.shape
     Skv = k.shape[1]

@@ -189,6 +189,19 @@ def test_opcheck_custom_ops():
     torch.library.opcheck(torch.ops.fastmqa.mqa_bwd.default, args)
 
 
+def test_autocast_does_not_reach_inside():
+    """fp32 inputs under bf16 autocast are computed in fp32 (the op's internals are not recast)."""
+    q, k, v = (t.requires_grad_() for t in qkv())
+    out = mqa_attention(q, k, v, causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out2 = mqa_attention(q, k, v, causal=True)
+    assert out2.dtype == torch.float32 and torch.equal(out, out2)
+    g = torch.autograd.grad(out.sum(), (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g2 = torch.autograd.grad(mqa_attention(q, k, v, causal=True).sum(), (q, k, v))
+    assert all(torch.equal(a, b) for a, b in zip(g, g2))
+
+
 def test_compile_fullgraph_op():
     q, k, v = qkv()
     f = torch.compile(lambda q, k, v: mqa_attention(q, k, v, causal=True) * 2, fullgraph=True, backend="aot_eager")
