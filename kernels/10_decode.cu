@@ -6,8 +6,9 @@
 //   * One CTA serves 32 query rows of a sequence: all H·Sq of them for 32 heads and one token
 //     (q[b] is one (H·Sq, D) matrix, row = h·Sq + i), so each K/V element is read once, not once
 //     per head. More rows take more row blocks, which re-read the tile from L2.
-//   * Tiles of 64 keys arrive by 16-byte cp.async, STAGES deep (bandwidth x latency ~ 100 KB in
-//     flight per SM: 2 tiles of 34 KB per CTA, 2 CTAs per SM).
+//   * Tiles of 64 keys (34 KB of K and V) arrive by 16-byte cp.async, 4 stages deep: 3 tiles in
+//     flight (bandwidth x latency wants ~100 KB per SM); 149 KB of shared memory, one CTA per SM.
+//     On the H100, 3 stages (2 CTAs per SM) measured 0-35% slower (scripts/dev_decode.py).
 //   * Within a CTA the keys are split too: warp w owns keys [16w, 16w+16) of every tile and keeps
 //     its own running max m, sum l and output O (32 rows x D, fp32) in registers. S = Q K^T and
 //     O += P V use mma.sync m16n8k16; the S accumulators are already P's A operand, so a tile costs
@@ -24,7 +25,7 @@
 #include <cstdint>
 
 #ifndef FASTMQA_DECODE_STAGES
-#define FASTMQA_DECODE_STAGES 3  // scripts/dev_decode.py builds other depths with -D to compare
+#define FASTMQA_DECODE_STAGES 4  // scripts/dev_decode.py builds other depths with -D to compare
 #endif
 
 namespace {
