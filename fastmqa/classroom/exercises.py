@@ -168,7 +168,10 @@ class FunctionCheck:
 # -- chapters 09 (layer) and 10 (MLA): checks of their kernel exercises --------------------
 
 def _rule_case(name, out, ref64, torch_out, axes):
-    """CaseResult of the tolerance rule for out vs ref64; `axes` names the index of the worst element."""
+    """CaseResult of the tolerance rule for out vs ref64 (shape first); `axes` names the worst index."""
+    bad = _tensor_or_error(name, out, tuple(ref64.shape))
+    if bad:
+        return bad
     ok, err, tol, where, nan = compare_tensors(out, ref64, torch_out)
     if ok:
         return CaseResult(name, True, f"max err {err:.1e} <= tol {tol:.1e}")
@@ -196,10 +199,7 @@ def _check_mqa_dv(fn, ctx, shapes=((1, 2, 4, 4, 8), (2, 3, 5, 7, 8), (1, 2, 7, 5
                     attention_ref(q.to(dtype), k.to(dtype), vv, causal=causal).backward(dout.to(dtype))
                     return vv.grad
                 out = fn(q, k, dout, lse, causal=causal)
-                bad = _tensor_or_error(name, out, (B, Skv, D))
-                if bad:
-                    return bad
-                return _rule_case(name, out, dv(torch.float64), dv(torch.float32), "(b, j, d)")
+                return _rule_case(name, out, dv(torch.float64).reshape(B, Skv, D), dv(torch.float32), "(b, j, d)")
             results.append(_run_case(name, case))
     return results
 
@@ -219,9 +219,6 @@ def _check_mla_decode(fn, ctx, shapes=((2, 3, 9, 8, 4, (9, 4)), (1, 4, 6, 16, 0,
             ref = lambda t: attention_ref(q.to(t)[:, :, None], cache.to(t), cache.to(t), scale=0.2,
                                           seqlens=seqlens)[:, :, 0, :r]
             out = fn(q, cache, seqlens, r, scale=0.2)
-            bad = _tensor_or_error(name, out, (B, H, r))
-            if bad:
-                return bad
             return _rule_case(name, out, ref(torch.float64), ref(torch.float32), "(b, h, c)")
         results.append(_run_case(name, case))
     return results
@@ -255,6 +252,17 @@ EXERCISES: list[Exercise] = [
     Exercise("ex-02-per-element", "02_naive", "One thread per output element (b, h, i, d)",
              name="mqa_per_element", check=AttentionCheck(causal=(False, True)),
              hint="thread t owns d = t % D of row t // D; recompute the row's max and sum, accumulate p * v[b, j, d]"),
+    Exercise("ex-03-hmajor", "03_smem", "Pack the rows h-major",
+             name="mqa_smem_hmajor", check=AttentionCheck(causal=(False, True)),
+             hint="row = h * Sq + i; the block's key range is set by its largest i, which is Sq - 1 "
+                  "when its rows cross the end of a head"),
+    Exercise("ex-04-warp-softmax", "04_warp", "Softmax with one warp per row",
+             name="softmax_rows_warp", check=SoftmaxCheck(),
+             hint="lane l visits columns l, l + 32, ...; max and sum are 5-step butterflies of "
+                  "cuda.shfl_xor_sync with offsets 16, 8, 4, 2, 1"),
+    Exercise("ex-05-block-softmax", "05_cublas", "A block per score row",
+             name="mqa_cublas_block", check=AttentionCheck(causal=(False, True)), hint=_CAUSAL_HINT
+             + "; merge (max, sum) pairs as l_a * exp(m_a - m) + l_b * exp(m_b - m), skipping empty ones"),
     Exercise("ex-09-dv", "09_layer", "The dV kernel of the MQA backward",
              name="mqa_dv", check=FunctionCheck(_check_mqa_dv),
              hint="thread (b, j, d) sums exp(scale * q_i . k_j - lse_i) * dout[b, h, i, d] over every head h "
