@@ -137,7 +137,7 @@ def _block_rows(B, H, Sq, Skv, itemsize):
 
 @_autocast_off
 def mqa_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-            causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                 causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of mqa_fwd: dq (B, H, Sq, D), dk, dv (B, Skv, D), in the inputs' dtypes.
 
     Per block of query rows i (all heads at once), with the key range cut at the causal edge:
