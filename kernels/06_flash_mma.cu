@@ -405,10 +405,11 @@ template <typename T, bool FAST>
 int dispatch(const MQAParams& p, int cfg) {
   if (p.D == 128) return launch<T, 128, 64, false, 2, FAST>(p);
   if (p.D == 64) {
-    // 128-key tiles (half the softmax and barrier work per key) unless a causal mask over
-    // short sequences makes the diagonal's masked keys and the start of each block weigh
-    // more; then 64-key tiles, and below 2048 keys the lighter kernel with 3 CTAs per SM.
-    if (cfg < 1 || cfg > 3) cfg = (!p.causal || p.Skv >= 4096) ? 2 : p.Skv >= 2048 ? 1 : 3;
+    // Measured on the H100 (scripts/dev_flash.py): 128-key tiles (half the softmax and barrier
+    // work per key) win on long rows; on short ones (few tiles per block, so the start and end
+    // of each block weigh more, and with a causal mask the diagonal's masked keys) the lighter
+    // 64-key kernel that fits 3 CTAs per SM wins. Q-in-registers (cfg 1) was never the fastest.
+    if (cfg < 1 || cfg > 3) cfg = p.Skv <= (p.causal ? 4096 : 1024) ? 3 : 2;
     if (cfg == 2) return launch<T, 64, 128, false, 2, FAST>(p);
     if (cfg == 3) return launch<T, 64, 64, false, 3, FAST>(p);
     return launch<T, 64, 64, true, 2, FAST>(p);
