@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 from numba import float32
 
 from .. import sim
-from ._common import finish, prepare, to_device
+from ._common import run_packed_rows
 
 # numba's simulator swaps the module-global `cuda` while it runs a kernel, so the
 # switch (fastmqa.sim) is thrown before this import and `cuda` must be a global here.
@@ -118,13 +117,4 @@ def mqa_smem_tiled_kernel(q, k, v, o, lse, scale, causal):
 
 def mqa_smem_tiled(q, k, v, causal=False, scale=None, return_lse=False):
     """Run the prototype; q (B, H, Sq, D) float32 with D <= 128, k, v (B, 1, Skv, D) or (B, Skv, D)."""
-    qn, kn, vn, scale, (B, H, Sq, Skv, D) = prepare(q, k, v, scale)
-    if D > DMAX:
-        raise ValueError(f"head dim D must be <= {DMAX} for this prototype, got {D}")
-    lse_n = np.full((B, H, Sq), -np.inf, dtype=np.float32)
-    dq, dk, dv, do, dl = to_device(qn, kn, vn, np.zeros_like(qn), lse_n)
-    if B and H * Sq and Skv:
-        grid = ((H * Sq + ROWS - 1) // ROWS, B)
-        mqa_smem_tiled_kernel[grid, ROWS](dq, dk, dv, do, dl, np.float32(scale), bool(causal))
-    out = finish(do, q)
-    return (out, finish(dl, q)) if return_lse else out
+    return run_packed_rows(mqa_smem_tiled_kernel, ROWS, ROWS, q, k, v, causal, scale, return_lse, DMAX)

@@ -24,7 +24,7 @@ from numba import float32
 
 from .. import sim
 from . import _warpsim
-from ._common import finish, prepare, to_device
+from ._common import run_packed_rows
 
 _warpsim.install()
 # numba's simulator swaps the module-global `cuda` while it runs a kernel, so the
@@ -209,13 +209,4 @@ def mqa_warp_shuffle_kernel(q, k, v, o, lse, scale, causal):
 
 def mqa_warp_shuffle(q, k, v, causal=False, scale=None, return_lse=False):
     """Run the prototype; q (B, H, Sq, D) float32 with D <= 128, k, v (B, 1, Skv, D) or (B, Skv, D)."""
-    qn, kn, vn, scale, (B, H, Sq, Skv, D) = prepare(q, k, v, scale)
-    if D > DMAX:
-        raise ValueError(f"head dim D must be <= {DMAX} for this prototype, got {D}")
-    lse_n = np.full((B, H, Sq), -np.inf, dtype=np.float32)
-    dq, dk, dv, do, dl = to_device(qn, kn, vn, np.zeros_like(qn), lse_n)
-    if B and H * Sq and Skv:
-        grid = ((H * Sq + NW * R - 1) // (NW * R), B)
-        mqa_warp_shuffle_kernel[grid, NW * 32](dq, dk, dv, do, dl, np.float32(scale), bool(causal))
-    out = finish(do, q)
-    return (out, finish(dl, q)) if return_lse else out
+    return run_packed_rows(mqa_warp_shuffle_kernel, NW * R, NW * 32, q, k, v, causal, scale, return_lse, DMAX)
