@@ -26,7 +26,7 @@ import numpy as np
 from numba import float32
 
 from .. import sim
-from ._common import finish, prepare, to_device
+from ._common import run_packed_rows
 
 # numba's simulator swaps the module-global `cuda` while it runs a kernel, so the
 # switch (fastmqa.sim) is thrown before this import and `cuda` must be a global here.
@@ -200,25 +200,11 @@ def mqa_flash_tiled_kernel(q, k, v, o, lse, scale, causal):
             lse[b, h, i] = m + math.log(l) if l > 0.0 else -math.inf
 
 
-def _run(kernel, threads, q, k, v, causal, scale, return_lse):
-    qn, kn, vn, scale, (B, H, Sq, Skv, D) = prepare(q, k, v, scale)
-    if D > DMAX:
-        raise ValueError(f"head dim D={D} is larger than the prototype's DMAX={DMAX}")
-    dq, dk, dv = to_device(qn, kn, vn)
-    do = sim.cuda().to_device(np.zeros_like(qn))
-    dl = sim.cuda().to_device(np.full((B, H, Sq), -np.inf, dtype=np.float32))
-    if B * H * Sq and Skv:
-        grid = ((H * Sq + BM - 1) // BM, B)
-        kernel[grid, threads](dq, dk, dv, do, dl, np.float32(scale), bool(causal))
-    out = finish(do, q)
-    return (out, finish(dl, q)) if return_lse else out
-
-
 def mqa_flash(q, k, v, causal=False, scale=None, return_lse=False):
     """Fused online-softmax MQA, one thread per packed (i, h) row; float32 torch tensors in and out."""
-    return _run(mqa_flash_kernel, BM, q, k, v, causal, scale, return_lse)
+    return run_packed_rows(mqa_flash_kernel, BM, BM, q, k, v, causal, scale, return_lse, dmax=DMAX)
 
 
 def mqa_flash_tiled(q, k, v, causal=False, scale=None, return_lse=False):
     """The same algorithm as tile products (the tensor-core kernel's structure), in float32."""
-    return _run(mqa_flash_tiled_kernel, (BN, BM), q, k, v, causal, scale, return_lse)
+    return run_packed_rows(mqa_flash_tiled_kernel, BM, (BN, BM), q, k, v, causal, scale, return_lse, dmax=DMAX)
