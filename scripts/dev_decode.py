@@ -152,23 +152,30 @@ def check_kernels(kerns, log):
 
 
 # -- timing --------------------------------------------------------------------------------
+H, D, DTYPE = 32, 128, torch.bfloat16  # the timing grid's shape: bf16, 32 heads, one token
+
+
+def decode_inputs(B, S):
+    """q (B, H, 1, D); k, v (B, 1, S, D) as views of one (2, B, 1, S, D) buffer; full lengths."""
+    gen = torch.Generator(device="cuda").manual_seed(B * S)
+    q = torch.randn(B, H, 1, D, device="cuda", dtype=DTYPE, generator=gen)
+    kv = torch.randn(2, B, 1, S, D, device="cuda", dtype=DTYPE, generator=gen)
+    return q, kv, torch.full((B,), S, dtype=torch.int32, device="cuda")
+
+
 def time_grid(kerns, log, timer):
-    H, D, dtype = 32, 128, torch.bfloat16
     rows = []
     for B, S in GRID:
-        gen = torch.Generator(device="cuda").manual_seed(B * S)
-        q = torch.randn(B, H, 1, D, device="cuda", dtype=dtype, generator=gen)
-        kv = torch.randn(2, B, 1, S, D, device="cuda", dtype=dtype, generator=gen)
+        q, kv, lens = decode_inputs(B, S)
         k, v = kv[0], kv[1]
         kvd = torch.empty_like(kv)
         kd, vd = torch.empty_like(k), torch.empty_like(v)
-        lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
         kv_bytes = kv.numel() * 2
         row = dict(B=B, S=S, kv_bytes=kv_bytes)
         row["copy1_ms"] = timer(lambda: kvd.copy_(kv))                    # one copy kernel, same bytes
         row["copy2_ms"] = timer(lambda: (kd.copy_(k), vd.copy_(v)))       # as fastmqa.bench does
         for name, kern in kerns.items():
-            if kern.supports(dtype, D, False, 1) is None:
+            if kern.supports(DTYPE, D, False, 1) is None:
                 row[name] = timer(kern.prepare(q, k, v, cache_seqlens=lens)[0])
         sdpa = {}
         for impl, fn in bench.torch_paths("decode", small=False).items():
@@ -188,15 +195,11 @@ def time_grid(kerns, log, timer):
 
 
 def time_sweep(kern, log, timer):
-    H, D, dtype = 32, 128, torch.bfloat16
     rows = []
     for B, S in SWEEP:
-        gen = torch.Generator(device="cuda").manual_seed(B * S)
-        q = torch.randn(B, H, 1, D, device="cuda", dtype=dtype, generator=gen)
-        k = torch.randn(B, 1, S, D, device="cuda", dtype=dtype, generator=gen)
-        v = torch.randn(B, 1, S, D, device="cuda", dtype=dtype, generator=gen)
-        lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
-        kv_bytes = 2 * k.numel() * 2
+        q, kv, lens = decode_inputs(B, S)
+        k, v = kv[0], kv[1]
+        kv_bytes = kv.numel() * 2
         line = []
         for ns in (0,) + SPLITS:
             ms = timer(kern.prepare(q, k, v, cache_seqlens=lens, num_splits=ns)[0])
@@ -236,11 +239,8 @@ def sanitize(tool, name, out):
 
 
 def profile(B, S):
-    kern = registry.get("10_decode")
-    q = torch.randn(B, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(B, 1, S, 128, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(B, 1, S, 128, device="cuda", dtype=torch.bfloat16)
-    launch = kern.prepare(q, k, v, cache_seqlens=torch.full((B,), S, dtype=torch.int32, device="cuda"))[0]
+    q, kv, lens = decode_inputs(B, S)
+    launch = registry.get("10_decode").prepare(q, kv[0], kv[1], cache_seqlens=lens)[0]
     for _ in range(8):
         launch()
     torch.cuda.synchronize()

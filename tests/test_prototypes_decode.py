@@ -68,3 +68,22 @@ def test_kernel_combine_matches_numpy_combine():
     o_np, lse_np = decode.combine_partials(part_o, part_lse)
     np.testing.assert_allclose(out.reshape(B, H * Sq, -1).numpy(), o_np, atol=1e-6)
     np.testing.assert_allclose(lse.reshape(B, H * Sq).numpy(), lse_np, atol=1e-6)
+
+
+def test_choose_splits_fills_the_gpu_in_whole_waves():
+    # 132 SMs, one CTA each (10_decode's 4-stage config); tiles of 64 keys
+    assert decode.choose_splits(base=64, tiles=64, slots=132) == 2        # B=64, S=4k: 128 CTAs
+    assert decode.choose_splits(base=1, tiles=16, slots=132) == 16        # B=1, S=1k: every tile its own CTA
+    assert decode.choose_splits(base=1, tiles=512, slots=132) == 128      # B=1, S=32k: capped at 128
+    assert decode.choose_splits(base=128, tiles=512, slots=132) == 1      # enough CTAs already
+    for base in (1, 3, 16, 50):
+        for tiles in (1, 2, 7, 64, 300):
+            s = decode.choose_splits(base, tiles, 132)
+            c = -(-tiles // s)
+            assert 1 <= s <= max(1, tiles) and -(-tiles // c) == s, (base, tiles, s)
+
+
+def test_intensity_mqa_is_h_times_mha():
+    assert decode.intensity(32, 32) == 1.0                                 # MHA, bf16: 1 flop per byte
+    assert decode.intensity(32, 1) == 32 * decode.intensity(32, 32)
+    assert decode.intensity(32, 8, Sq=4) == 16.0

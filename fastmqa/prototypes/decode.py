@@ -172,3 +172,59 @@ def mqa_decode_splitkv(q, k, v, causal=False, scale=None, seqlens=None, num_spli
     if return_partials:
         res.append((dpo.copy_to_host(), dpl.copy_to_host()))
     return res[0] if len(res) == 1 else tuple(res)
+
+
+# -- the launcher's split count, and reading the chapter's results ---------------------------
+
+def choose_splits(base, tiles, slots, max_splits=128):
+    """The split count kernels/10_decode.cu chooses (a mirror of its choose_splits).
+
+    base: CTAs without splitting (B x row blocks); tiles: key tiles of the longest sequence;
+    slots: CTAs resident at once (SMs x CTAs per SM). Fill the slots in whole waves, at least one
+    tile per split; of the counts within 95% of the best wave efficiency, the smallest."""
+    if 10 * base >= 8 * slots or tiles <= 1:
+        return 1
+    max_s = min(tiles, max_splits, -(-2 * slots // base))
+
+    def eff(s):
+        w = base * s / slots
+        return w / math.ceil(w)
+
+    def eligible(s):  # not a smaller count in disguise: ceil(tiles / s)-tile chunks must number s
+        c = -(-tiles // s)
+        return -(-tiles // c) == s
+    cands = [s for s in range(1, max_s + 1) if eligible(s)]
+    best = max(eff(s) for s in cands)
+    return next(s for s in cands if eff(s) >= 0.95 * best)
+
+
+def intensity(num_heads, kv_heads, Sq=1, elem_bytes=2):
+    """Flops per byte of K/V read when decoding: 4·H·Sq·S·D flops over 2·G·S·D·elem_bytes bytes."""
+    return 4 * num_heads * Sq / (2 * kv_heads * elem_bytes)
+
+
+def bandwidth_table(data, impl="10_decode"):
+    """Per (B, S) of a results/decode.json: our GB/s, the best SDPA path's, the copy's time."""
+    rows = [r for r in data["rows"] if r["kind"] == "decode" and not r.get("sweep")]
+    out = []
+    for B, S in sorted({(r["B"], r["Skv"]) for r in rows}):
+        here = [r for r in rows if (r["B"], r["Skv"]) == (B, S)]
+        ours = next((r for r in here if r["impl"] == impl), None)
+        sdpa = min((r for r in here if r["impl"].startswith("torch.")), key=lambda r: r["ms"], default=None)
+        if ours is None:
+            continue
+        out.append(dict(B=B, S=S, kv_MB=ours["kv_bytes"] / 2**20 if "kv_bytes" in ours else None,
+                        us=ours["ms"] * 1e3, GBps=ours["gbps"], of_copy=ours["gbps"] / data["ceilings"]["copy_gbps"],
+                        t_vs_copy=ours["ms"] / ours["copy_ms"] if "copy_ms" in ours else None,
+                        sdpa=sdpa["impl"] if sdpa else None, sdpa_GBps=sdpa["gbps"] if sdpa else None,
+                        x_sdpa=sdpa["ms"] / ours["ms"] if sdpa else None))
+    return out
+
+
+def split_sweep(data, impl="10_decode"):
+    """{(B, S): [(num_splits, GB/s), ...]} from the rows of a results file that carry num_splits."""
+    out = {}
+    for r in data["rows"]:
+        if r["impl"] == impl and "num_splits" in r:
+            out.setdefault((r["B"], r["Skv"]), []).append((r["num_splits"], r["gbps"]))
+    return {k: sorted(v) for k, v in out.items()}
