@@ -8,7 +8,8 @@
 //     per head. More rows take more row blocks, which re-read the tile from L2.
 //   * Tiles of 64 keys (34 KB of K and V) arrive by 16-byte cp.async, 4 stages deep: 3 tiles in
 //     flight (bandwidth x latency wants ~100 KB per SM); 149 KB of shared memory, one CTA per SM.
-//     On the H100, 3 stages (2 CTAs per SM) measured 0-35% slower (scripts/dev_decode.py).
+//     On the H100, 3 stages (2 CTAs per SM) measured up to 28% slower, and 3% faster only at
+//     B = 1, S = 32k (results/decode_dev.json).
 //   * Within a CTA the keys are split too: warp w owns keys [16w, 16w+16) of every tile and keeps
 //     its own running max m, sum l and output O (32 rows x D, fp32) in registers. S = Q K^T and
 //     O += P V use mma.sync m16n8k16; the S accumulators are already P's A operand, so a tile costs
