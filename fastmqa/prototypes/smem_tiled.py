@@ -27,6 +27,7 @@ cuda = sim.cuda()
 ROWS = 16    # query rows (= threads) per block; the .cu kernel uses 64
 TJ = 8       # keys per K/V tile; the .cu kernel uses 16
 DMAX = 128   # largest head dim
+LDQ = DMAX + 1   # padded row stride of Qs (a named constant: numba wants literal array shapes)
 
 
 def bank_conflict_ways(row_stride_words, lanes=32, banks=32):
@@ -44,7 +45,7 @@ def bank_conflict_ways(row_stride_words, lanes=32, banks=32):
 @cuda.jit
 def mqa_smem_tiled_kernel(q, k, v, o, lse, scale, causal):
     # q, o: (B, H, Sq, D); k, v: (B, Skv, D); lse: (B, H, Sq)
-    Qs = cuda.shared.array((ROWS, DMAX + 1), float32)   # +1: no bank conflicts (see above)
+    Qs = cuda.shared.array((ROWS, LDQ), float32)   # +1 word a row: no bank conflicts (see above)
     Ks = cuda.shared.array((TJ, DMAX), float32)
     Vs = cuda.shared.array((TJ, DMAX), float32)
     acc = cuda.local.array(DMAX, float32)
