@@ -263,6 +263,14 @@ EXERCISES: list[Exercise] = [
     Exercise("ex-05-block-softmax", "05_cublas", "A block per score row",
              name="mqa_cublas_block", check=AttentionCheck(causal=(False, True)), hint=_CAUSAL_HINT
              + "; merge (max, sum) pairs as l_a * exp(m_a - m) + l_b * exp(m_b - m), skipping empty ones"),
+    Exercise("ex-06-stream", "06_flash_fp32", "The online softmax one key at a time",
+             name="mqa_flash_stream", check=AttentionCheck(causal=(False, True)), hint=_CAUSAL_HINT
+             + "; per key: m_new = max(m, s), alpha = exp(m - m_new), l = l * alpha + exp(s - m_new), "
+               "acc = acc * alpha + exp(s - m_new) * v_j"),
+    Exercise("ex-07-double-buffer", "07_tensor_cores", "Double-buffer the K/V tiles",
+             name="mqa_flash_db", check=AttentionCheck(causal=(False, True)),
+             hint="tile t lives in buffer t % 2; after the barrier at the top of tile t, copy tile t + 1 "
+                  "(keys (t + 1) * BN + r, zeros past Skv) into buffer 1 - t % 2"),
     Exercise("ex-09-dv", "09_layer", "The dV kernel of the MQA backward",
              name="mqa_dv", check=FunctionCheck(_check_mqa_dv),
              hint="thread (b, j, d) sums exp(scale * q_i . k_j - lse_i) * dout[b, h, i, d] over every head h "

@@ -15,8 +15,9 @@ Two numba.cuda kernels, both simulator-friendly at tiny sizes:
   tile. numba has no tensor-core intrinsics (no mma.sync, no ldmatrix), so this fp32 version
   is the prototype of the tensor-core kernel.
 
-`online_softmax_stats` is the rescaling rule in numpy, for checking it against the two-pass
-softmax.
+`online_softmax_stats` and `online_attention_row` are the rescaling rule in numpy, for checking
+it against the two-pass softmax; `mma_owner`, `ldmatrix_owner`, `ldmatrix_wavefronts` and
+`causal_tile_efficiency` are the layout arithmetic of chapter 07 in numpy.
 """
 from __future__ import annotations
 
@@ -54,6 +55,68 @@ def online_softmax_stats(s, tile):
         m = m_new
         steps.append((m.copy(), l.copy()))
     return m, l, steps
+
+
+def online_attention_row(s, v, tile):
+    """One query row in numpy: out = softmax(s) @ v computed tile by tile with the online rule
+    (the unnormalised output is rescaled with l), returning (out, m, l)."""
+    s, v = np.asarray(s, dtype=np.float64), np.asarray(v, dtype=np.float64)
+    m, l, acc = -np.inf, 0.0, np.zeros(v.shape[1])
+    for n0 in range(0, len(s), tile):
+        m_new = max(m, s[n0:n0 + tile].max())
+        p = np.exp(s[n0:n0 + tile] - m_new)
+        alpha = np.exp(m - m_new)
+        l, acc, m = l * alpha + p.sum(), acc * alpha + p @ v[n0:n0 + tile], m_new
+    return acc / l, m, l
+
+
+# -- chapter 07: what mma.sync and ldmatrix put in which lane (numpy tables) ---------------
+
+def mma_owner(operand):
+    """For mma.sync.m16n8k16 (16-bit inputs, fp32 accumulators): the lane and register that hold
+    each element. operand 'a' is the 16x16 A tile (row, k), 'b' the 16x8 B tile (k, n), 'c' the
+    16x8 accumulator (row, n). Returns (lane, reg) integer arrays of the operand's shape; a 32-bit
+    A or B register holds two 16-bit elements, the lower k in its low half."""
+    g = lambda x: x % 8                                           # position inside an 8x8 block
+    if operand == "a":
+        r, k = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
+        return 4 * g(r) + g(k) // 2, r // 8 + 2 * (k // 8)
+    if operand == "b":
+        k, n = np.meshgrid(np.arange(16), np.arange(8), indexing="ij")
+        return 4 * n + g(k) // 2, k // 8
+    if operand == "c":
+        r, n = np.meshgrid(np.arange(16), np.arange(8), indexing="ij")
+        return 4 * g(r) + n // 2, 2 * (r // 8) + n % 2
+    raise ValueError(f"operand must be 'a', 'b' or 'c', got {operand!r}")
+
+
+def ldmatrix_owner(trans=False):
+    """Lane that receives element (row, col) of one 8x8 matrix of 16-bit values that ldmatrix
+    reads from 8 row addresses (row-major in shared memory); .trans hands out the transpose."""
+    r, c = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    return 4 * c + r // 2 if trans else 4 * r + c // 2
+
+
+def ldmatrix_wavefronts(row_bytes, swizzle, chunk=0):
+    """Shared-memory wavefronts for one 8x8 matrix of an ldmatrix: 8 rows (0..7) of a tile with
+    `row_bytes` per row, each giving the 16-byte chunk `chunk`, stored at chunk ^ (row % 8) when
+    `swizzle`. 128 bytes per wavefront: 8 chunks in different 16-byte bank groups take one."""
+    groups = [((r * row_bytes + 16 * ((chunk ^ (r % 8)) if swizzle else chunk)) // 16) % 8 for r in range(8)]
+    return max(groups.count(x) for x in set(groups))
+
+
+def causal_tile_efficiency(S, H, BM=128, BN=64, packing="imajor"):
+    """Share of the computed score tiles' entries that a causal mask keeps (Sq = Skv = S, one
+    batch). 'imajor': block rows are (i, h) pairs, row = i * H + h (this course); 'hmajor': a
+    block holds BM consecutive queries of one head (FlashAttention-2 with expanded K/V)."""
+    useful, computed = 0, 0
+    for m0 in range(0, H * S, BM):
+        rows = range(m0, min(m0 + BM, H * S))
+        i = [(r // H) if packing == "imajor" else (r % S) for r in rows]
+        tiles = -(-(max(i) + 1) // BN)
+        useful += sum(x + 1 for x in i)
+        computed += BM * tiles * BN
+    return useful / computed
 
 
 @cuda.jit
