@@ -47,11 +47,11 @@ __global__ void mqa_naive_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
     for (int d = 0; d < D; ++d) acc[d] += p * vb[(size_t)j * D + d];
   }
   // A row that sees no key (causal with Sq > Skv) is defined as zeros, lse = -inf.
-  float inv = l > 0.f ? 1.f / l : 0.f;
+  float inv = l != 0.f ? 1.f / l : 0.f;
   float* oi = o + (size_t)row * D;
 #pragma unroll
   for (int d = 0; d < D; ++d) oi[d] = acc[d] * inv;
-  if (lse) lse[row] = l > 0.f ? m + logf(l) : -INFINITY;
+  if (lse) lse[row] = l != 0.f ? m + logf(l) : -INFINITY;
 }
 
 int fastmqa_k01_naive(const MQAParams& p) {

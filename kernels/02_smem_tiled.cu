@@ -121,8 +121,8 @@ mqa_smem_tiled_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
   }
 
   // A row that sees no key (causal with Sq > Skv) is defined as zeros, lse = -inf.
-  const float inv = l > 0.f ? 1.f / l : 0.f;
-  if (valid && lse) lse[((size_t)b * H + h) * Sq + i] = l > 0.f ? m + logf(l) : -INFINITY;
+  const float inv = l != 0.f ? 1.f / l : 0.f;
+  if (valid && lse) lse[((size_t)b * H + h) * Sq + i] = l != 0.f ? m + logf(l) : -INFINITY;
   // Write o through shared memory: each thread puts its row back into sQ (conflict-free
   // thanks to the padding), then the block stores rows with consecutive threads on
   // consecutive d, coalesced, instead of 32 threads each writing its own distant row.

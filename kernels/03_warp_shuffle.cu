@@ -209,11 +209,11 @@ mqa_warp_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
     const float lr = warp_sum(l[r]) * (1.f / SPREAD);  // exact: SPREAD is a power of two
     if (r0 + r >= rows) continue;
     // A row that sees no key (causal with Sq > Skv) is defined as zeros, lse = -inf.
-    const float inv = lr > 0.f ? 1.f / lr : 0.f;
+    const float inv = lr != 0.f ? 1.f / lr : 0.f;
     float out[F];
     for (int f = 0; f < F; ++f) out[f] = acc[r][f] * inv;
     store_frag<F>(o + qoff[r], out);
-    if (lse && lane == 0) lse[(qoff[r] - lane * F) / D] = lr > 0.f ? m[r] + logf(lr) : -INFINITY;
+    if (lse && lane == 0) lse[(qoff[r] - lane * F) / D] = lr != 0.f ? m[r] + logf(lr) : -INFINITY;
   }
 }
 

@@ -45,12 +45,12 @@ softmax_rows_kernel(float* __restrict__ S,     // (B*H*Sq, Skv) scores in, proba
     const float mo = __shfl_xor_sync(FULL, m, off), lo = __shfl_xor_sync(FULL, l, off);
     const float mn = fmaxf(m, mo);
     // A lane that saw no key has m = -inf and l = 0: it must add 0, not 0 * exp(nan).
-    l = (l > 0.f ? l * expf(m - mn) : 0.f) + (lo > 0.f ? lo * expf(mo - mn) : 0.f);
+    l = (l != 0.f ? l * expf(m - mn) : 0.f) + (lo != 0.f ? lo * expf(mo - mn) : 0.f);
     m = mn;
   }
-  const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key: P = 0, so O = 0
+  const float inv = l != 0.f ? 1.f / l : 0.f;  // a row that sees no key: P = 0, so O = 0
   for (int j = lane; j < Skv; j += 32) x[j] = j < j_end ? expf(x[j] - m) * inv : 0.f;
-  if (lse && lane == 0) lse[row] = l > 0.f ? m + logf(l) : -INFINITY;
+  if (lse && lane == 0) lse[row] = l != 0.f ? m + logf(l) : -INFINITY;
 }
 
 }  // namespace cublas_attn

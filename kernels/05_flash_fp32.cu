@@ -223,14 +223,14 @@ mqa_flash_fp32_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
     float* orow = o + base * D;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      float4 val;  // a row that saw no key (lr = 0) is zeros, by definition
-      val.x = lr > 0.f ? acc[r][u][0] / lr : 0.f;
-      val.y = lr > 0.f ? acc[r][u][1] / lr : 0.f;
-      val.z = lr > 0.f ? acc[r][u][2] / lr : 0.f;
-      val.w = lr > 0.f ? acc[r][u][3] / lr : 0.f;
+      float4 val;  // a row that saw no key (lr = 0) is zeros, by definition; a NaN lr propagates
+      val.x = lr != 0.f ? acc[r][u][0] / lr : 0.f;
+      val.y = lr != 0.f ? acc[r][u][1] / lr : 0.f;
+      val.z = lr != 0.f ? acc[r][u][2] / lr : 0.f;
+      val.w = lr != 0.f ? acc[r][u][3] / lr : 0.f;
       *reinterpret_cast<float4*>(orow + cg * 4 + 64 * u) = val;
     }
-    if (lse && cg == 0) lse[base] = lr > 0.f ? ((EXP2 ? m[r] * scale : m[r]) + logf(lr)) : -INFINITY;
+    if (lse && cg == 0) lse[base] = lr != 0.f ? ((EXP2 ? m[r] * scale : m[r]) + logf(lr)) : -INFINITY;
   }
 }
 

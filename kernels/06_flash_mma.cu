@@ -365,7 +365,7 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D)
       float l = l_run[mt][hf];
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that saw no key: zeros, lse = -inf
+      const float inv = l != 0.f ? 1.f / l : 0.f;  // a row that saw no key: zeros, lse = -inf
       const int r = warp * 32 + mt * 16 + g + 8 * hf;
 #pragma unroll
       for (int n = 0; n < C::NO; ++n) {
@@ -373,7 +373,7 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D)
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sQ + swz<D>(r, n) + tq * 4), "r"(val));
       }
       const int base = row_q[r];
-      if (lse && tq == 0 && base >= 0) lse[base / D] = l > 0.f ? m_run[mt][hf] * scale + logf(l) : -INFINITY;
+      if (lse && tq == 0 && base >= 0) lse[base / D] = l != 0.f ? m_run[mt][hf] * scale + logf(l) : -INFINITY;
     }
   __syncwarp();
   {
