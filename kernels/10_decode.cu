@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
   const float m_use = mx == -INFINITY ? 0.f : mx;
 #pragma unroll
   for (int w = 0; w < C::W; ++w) { wt[w] = fast_exp2(stat_m[w * MB + r] - m_use); L += wt[w] * stat_l[w * MB + r]; }
-  const float inv = L > 0.f ? 1.f / L : 0.f;  // a row that saw no key: zeros, lse = -inf
+  const float inv = L != 0.f ? 1.f / L : 0.f;  // a row that saw no key: zeros, lse = -inf
   const size_t R = size_t(b) * a.M + row0 + r;
   const bool direct = a.splits == 1;  // one split writes o and lse; several write fp32 partials
 #pragma unroll 4
@@ -277,7 +277,7 @@ __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
     else *reinterpret_cast<float2*>(a.ws_o + (size_t(split) * a.B * a.M + R) * D + c) = make_float2(x * inv, y * inv);
   }
   if (q4 == 0) {
-    const float lse2 = L > 0.f ? mx + log2f(L) : -INFINITY;
+    const float lse2 = L != 0.f ? mx + log2f(L) : -INFINITY;
     if (!direct) a.ws_lse[size_t(split) * a.B * a.M + R] = lse2;
     else if (a.lse) a.lse[R] = lse2 * kLn2;
   }
@@ -328,10 +328,10 @@ __global__ void __launch_bounds__(256) combine_kernel(const float* __restrict__ 
   float4 t = red[0][tid];
 #pragma unroll
   for (int gg = 1; gg < G; ++gg) { const float4 u = red[gg][tid]; t.x += u.x; t.y += u.y; t.z += u.z; t.w += u.w; }
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;  // a row that saw no key: zeros, lse = -inf
+  const float inv = sum != 0.f ? 1.f / sum : 0.f;  // a row that saw no key: zeros, lse = -inf
   *reinterpret_cast<uint2*>(o + size_t(row) * D + 4 * tid) =
       make_uint2(Elem<T>::pack(t.x * inv, t.y * inv), Elem<T>::pack(t.z * inv, t.w * inv));
-  if (lse && tid == 0) lse[row] = sum > 0.f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
+  if (lse && tid == 0) lse[row] = sum != 0.f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
 }
 
 // Split count: enough CTAs to fill the resident slots (SMs x CTAs per SM) in whole waves, each split

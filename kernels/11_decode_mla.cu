@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
     for (int hr = 0; hr < 2; ++hr) {
       const int r = mt * 16 + g + 8 * hr;
       if (mt >= mt_n || r >= rows) continue;
-      const float l = row_l[r], inv = l > 0.f ? 1.f / l : 0.f;  // a row that saw no key: zeros
+      const float l = row_l[r], inv = l != 0.f ? 1.f / l : 0.f;  // a row that saw no key: zeros
       const size_t R = size_t(b) * a.M + row0 + r;
 #pragma unroll
       for (int n = 0; n < C::NT; ++n) {
@@ -298,7 +298,7 @@ __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
       }
     }
   for (int r = tid; r < rows; r += C::THREADS) {
-    const float l = row_l[r], lse2 = l > 0.f ? row_m[r] + log2f(l) : -INFINITY;
+    const float l = row_l[r], lse2 = l != 0.f ? row_m[r] + log2f(l) : -INFINITY;
     const size_t R = size_t(b) * a.M + row0 + r;
     if (!direct) a.ws_lse[size_t(split) * a.B * a.M + R] = lse2;
     else if (a.lse) a.lse[R] = lse2 * kLn2;
@@ -352,13 +352,13 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
     if (c < D / 4) { red[warp][4 * c] = acc[u].x; red[warp][4 * c + 1] = acc[u].y; red[warp][4 * c + 2] = acc[u].z; red[warp][4 * c + 3] = acc[u].w; }
   }
   __syncthreads();
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;  // a row that saw no key: zeros, lse = -inf
+  const float inv = sum != 0.f ? 1.f / sum : 0.f;  // a row that saw no key: zeros, lse = -inf
   for (int c = tid; c < D / 2; c += 128) {
     const float x = (red[0][2 * c] + red[1][2 * c] + red[2][2 * c] + red[3][2 * c]) * inv;
     const float y = (red[0][2 * c + 1] + red[1][2 * c + 1] + red[2][2 * c + 1] + red[3][2 * c + 1]) * inv;
     *reinterpret_cast<uint32_t*>(o + size_t(row) * D + 2 * c) = Elem<T>::pack(x, y);
   }
-  if (lse && tid == 0) lse[row] = sum > 0.f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
+  if (lse && tid == 0) lse[row] = sum != 0.f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
 }
 
 // Split count: enough CTAs to fill the resident slots (SMs x CTAs per SM) in whole waves, each split
