@@ -74,7 +74,7 @@ def draw_case(kernel, d: _Draw, max_seq=300, max_cache=4096) -> dict:
     D = d.choice(list(kernel.head_dims))
     causal = bool(kernel.causal and d.prob(0.5))
     case = dict(dtype=_name(dtype), D=D, causal=causal, scale=None, lens=None, num_splits=0,
-                kv3d=d.prob(0.3), strided=d.prob(0.3), amp=d.choice([1.0, 1.0, 0.25, 4.0]),
+                kv3d=d.prob(0.3), strided=d.prob(0.3), amp=d.choice([1.0, 1.0, 0.25, 2.0]),
                 garbage=False, return_lse=bool(kernel.returns_lse and d.prob(0.5)))
     if d.prob(0.2):
         case["scale"] = round(0.02 + 0.98 * float(torch.rand((), generator=d.gen)), 4)
