@@ -21,14 +21,14 @@ prototypes and deliberately broken implementations with the same code.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import math
 import time
 
 import torch
 
 from .check import ATOL, MULTIPLE, compare
-from .reference import attention_ref, causal_mask
+from .reference import attention_ref
 
 EDGE_SIZES = (1, 2, 3, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129)
 MAX_WORK = 2**21            # B*H*Sq*Skv per prefill case: the fp64 check stays well under a second
@@ -374,7 +374,7 @@ def determinism_cases(kernel, small=False):
     cases = []
     for dtype in kernel.dtypes:
         for causal in ((False, True) if kernel.causal else (False,)):
-            base = dict(dtype=_name(dtype), D=kernel.head_dims[-1], causal=causal, scale=None, num_splits=0,
+            base = dict(dtype=_name(dtype), D=kernel.head_dims[0 if small else -1], causal=causal, scale=None, num_splits=0,
                         kv3d=False, strided=False, amp=1.0, garbage=False, return_lse=bool(kernel.returns_lse))
             if kernel.kind == "decode":
                 S, H = (40, 2) if small else (3000, 32)
@@ -419,10 +419,12 @@ def prototype_runners() -> list:
     """[(name, fn, spec)] for every prototype runner: the registry's `prototype` entries and
     every public function of fastmqa/prototypes/*.py whose first parameters are (q, k, v).
 
-    spec is a registry-like `Kernel` describing what the runner takes (float32 only; causal,
-    lse, num_splits and decode lengths as its signature says; the head dims its registry
-    entry declares, smaller ones tried first for the simulator's sake). Importing the
-    prototypes throws numba's switch (`fastmqa.sim`): call sim.setup() before, if needed."""
+    spec is a registry-like `Kernel` describing what the runner takes: float32 only; causal,
+    lse, num_splits and decode lengths as its signature says; head_dims = (the smallest it
+    accepts, 8 or 16, for the simulator's sake) + the 64 and 128 its registry entry declares,
+    so spec.head_dims[0] is the fast one. A registry `prototype` that does not import is left
+    out (tests/test_validation.py names it). Importing the prototypes throws numba's switch
+    (`fastmqa.sim`): call sim.setup() before, if needed."""
     import importlib
     import pkgutil
 
@@ -432,9 +434,7 @@ def prototype_runners() -> list:
     for entry in kernels.REGISTRY:
         try:
             fn = entry.prototype_fn()
-        except (ImportError, AttributeError) as e:  # a prototype not written yet: say so, go on
-            import warnings
-            warnings.warn(f"kernel {entry.name}: prototype {entry.prototype} cannot be loaded ({e})", stacklevel=2)
+        except (ImportError, AttributeError):
             continue
         if fn is not None:
             found.setdefault(f"{fn.__module__}:{fn.__name__}", fn)
@@ -448,26 +448,25 @@ def prototype_runners() -> list:
                 continue
             if list(inspect.signature(obj).parameters)[:3] == ["q", "k", "v"]:
                 found.setdefault(f"{mod.__name__}:{attr}", obj)
-    out = []
-    for key, fn in sorted(found.items()):
-        out.append((key.split(".")[-1], fn, _prototype_spec(key, fn, owners.get(key))))
-    return out
+    return [(key.split(".")[-1], fn, _prototype_spec(key, fn, owners.get(key))) for key, fn in sorted(found.items())]
 
 
 def _prototype_spec(key, fn, entry):
     from .kernels import Kernel
     params = _params(fn)
     kind = entry.kind if entry is not None else ("decode" if {"seqlens", "cache_seqlens"} & params else "prefill")
-    dims = tuple(sorted({8, 16, *(entry.head_dims if entry is not None else (64,))}))
-    return Kernel(key, f"prototype {key}", kind, "", entry.chapter if entry else "", dtypes=(torch.float32,),
-                  head_dims=dims, causal="causal" in params,
+    big = tuple(d for d in (64, 128) if entry is None or d in entry.head_dims)
+    spec = Kernel(key, f"prototype {key}", kind, "", entry.chapter if entry else "", dtypes=(torch.float32,),
+                  head_dims=(8, 16) + big, causal="causal" in params,
                   max_sq=(entry.max_sq if entry is not None and entry.max_sq else (1 if kind == "decode" else None)),
                   returns_lse="return_lse" in params,
                   workspace=(lambda *a: 0) if "num_splits" in params else None)
+    small = _smallest_head_dim(spec, fn)
+    return dataclasses.replace(spec, head_dims=(small,) + tuple(d for d in big if d > small))
 
 
-def smallest_head_dim(spec, fn) -> int:
-    """The smallest head dim of spec.head_dims the runner accepts (a tiny call each)."""
+def _smallest_head_dim(spec, fn) -> int:
+    """The smallest of spec.head_dims the runner accepts (one tiny call each)."""
     for D in spec.head_dims:
         q = torch.zeros(1, 1, 1, D)
         k = torch.zeros(1, 1, D)
@@ -479,3 +478,10 @@ def smallest_head_dim(spec, fn) -> int:
         except (ValueError, TypeError):
             continue
     raise ValueError(f"prototype {spec.name} accepts none of the head dims {spec.head_dims}")
+
+
+def reference_impl(q, k, v, causal=False, scale=None, cache_seqlens=None, num_splits=0, return_lse=False):
+    """A correct implementation with the registry's call signature (the reference in q's
+    dtype): the control that fuzz_kernel and determinism must pass."""
+    r = attention_ref(q, k, v, causal=causal, scale=scale, seqlens=cache_seqlens, return_lse=return_lse)
+    return (r[0], r[1].float()) if return_lse else r

@@ -6,7 +6,6 @@ extra={"deterministic": False} (none does: the split-KV decode combines its spli
 order, so even it is bitwise reproducible).
 """
 import dataclasses
-import warnings
 
 import pytest
 import torch
@@ -16,14 +15,11 @@ from fastmqa import sim
 sim.setup("auto", quiet=True)
 
 from fastmqa import fuzz, kernels  # noqa: E402
-from fastmqa.reference import attention_ref, mqa_attention_ref  # noqa: E402
+from fastmqa.reference import mqa_attention_ref  # noqa: E402
 
 FP32, BF16, FP64 = torch.float32, torch.bfloat16, torch.float64
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    PROTOS = fuzz.prototype_runners()
-PROTOS = [(n, fn, dataclasses.replace(spec, head_dims=(fuzz.smallest_head_dim(spec, fn),))) for n, fn, spec in PROTOS]
+PROTOS = fuzz.prototype_runners()
 
 
 def bits(t):
@@ -56,9 +52,7 @@ def test_prototype_bitwise_reproducible(name, fn, spec):
     assert r["ok"] and r["expected"], [c for c in r["cases"] if not c["equal"]]
 
 
-def ref_impl(q, k, v, causal=False, scale=None, cache_seqlens=None, num_splits=0, return_lse=False):
-    r = attention_ref(q, k, v, causal=causal, scale=scale, seqlens=cache_seqlens, return_lse=return_lse)
-    return (r[0], r[1].float()) if return_lse else r
+ref_impl = fuzz.reference_impl   # a correct implementation with the registry's signature
 
 
 def noisy_impl(q, k, v, **kw):

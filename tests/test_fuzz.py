@@ -34,14 +34,9 @@ FP32, BF16, FP64 = torch.float32, torch.bfloat16, torch.float64
 BOUNDED = dict(derandomize=True, deadline=None, database=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    PROTOS = fuzz.prototype_runners()
-# The smallest head dim a prototype takes keeps the simulator fast; 64 and 128 (the kernels'
-# sizes, 128 the prototypes' DMAX edge) are drawn too.
-PROTOS = [(n, fn, dataclasses.replace(spec, head_dims=(fuzz.smallest_head_dim(spec, fn),)
-                                      + tuple(d for d in (64, 128) if d in spec.head_dims)))
-          for n, fn, spec in PROTOS]
+# head_dims: the smallest a prototype takes (fast in the simulator), then 64 and 128 (the
+# kernels' sizes; 128 is the prototypes' DMAX edge).
+PROTOS = fuzz.prototype_runners()
 
 
 # -- the reference ------------------------------------------------------------------
@@ -168,10 +163,7 @@ def test_prototype_random_cases(name, fn, spec):
 
 
 # -- fuzz_kernel itself -------------------------------------------------------------
-def ref_impl(q, k, v, causal=False, scale=None, cache_seqlens=None, num_splits=0, return_lse=False):
-    """A correct implementation with the registry's signature: the reference in q's dtype."""
-    r = attention_ref(q, k, v, causal=causal, scale=scale, seqlens=cache_seqlens, return_lse=return_lse)
-    return (r[0], r[1].float()) if return_lse else r
+ref_impl = fuzz.reference_impl   # a correct implementation with the registry's signature
 
 
 PREFILL = kernels.Kernel("t_prefill", "test", "prefill", "", "", dtypes=(FP32, BF16), head_dims=(64, 128),
