@@ -124,7 +124,7 @@ def make_inputs(case: dict, d: _Draw, device):
 
 
 # -- calling -------------------------------------------------------------------------
-def _call(fn, kernel, q, k, v, case, seqlens):
+def _call(fn, q, k, v, case, seqlens):
     """fn(q, k, v, ...) with the keyword arguments the case uses -> (out, lse or None)."""
     kw = dict(causal=case["causal"], scale=case["scale"])
     params = _params(fn)
@@ -195,11 +195,11 @@ def check_lse(lse, q, k, v, causal, scale, seqlens) -> str | None:
     return None
 
 
-def check_case(fn, kernel, case, d, device) -> str | None:
+def check_case(fn, case, d, device) -> str | None:
     """Run one case; None if it passes, else the reason."""
     q, k, v, seqlens = make_inputs(case, d, device)
     before = [t.clone() for t in (q, k, v)]
-    out, lse = _call(fn, kernel, q, k, v, case, seqlens)
+    out, lse = _call(fn, q, k, v, case, seqlens)
     _sync(device)
     if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype:
         got = f"{tuple(out.shape)} {_name(out.dtype)}" if isinstance(out, torch.Tensor) else type(out).__name__
@@ -285,7 +285,7 @@ def check_special(fn, kernel, which, device, small=False) -> str | None:
     if made is None:
         return None
     case, q, k, v, seqlens, must_nan, must_inf, free = made
-    out, lse = _call(fn, kernel, q, k, v, case, seqlens)
+    out, lse = _call(fn, q, k, v, case, seqlens)
     _sync(device)
     o = out.detach().double().cpu()
     if not bool(torch.isnan(o[must_nan]).all()):
@@ -353,7 +353,7 @@ def fuzz_kernel(kernel, examples=50, seed=0, device="cuda", fn=None, special=Tru
     for _ in range(examples):
         case = draw_case(kernel, d, max_seq=max_seq, max_cache=max_cache)
         try:
-            err = check_case(fn, kernel, case, d, device)
+            err = check_case(fn, case, d, device)
         except Exception as e:  # noqa: BLE001 -- a crash is that case's failure
             err = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         record(case, err)
@@ -374,8 +374,9 @@ def determinism_cases(kernel, small=False):
     cases = []
     for dtype in kernel.dtypes:
         for causal in ((False, True) if kernel.causal else (False,)):
-            base = dict(dtype=_name(dtype), D=kernel.head_dims[0 if small else -1], causal=causal, scale=None, num_splits=0,
-                        kv3d=False, strided=False, amp=1.0, garbage=False, return_lse=bool(kernel.returns_lse))
+            base = dict(dtype=_name(dtype), D=kernel.head_dims[0 if small else -1], causal=causal, scale=None,
+                        num_splits=0, kv3d=False, strided=False, amp=1.0, garbage=False,
+                        return_lse=bool(kernel.returns_lse))
             if kernel.kind == "decode":
                 S, H = (40, 2) if small else (3000, 32)
                 lens = [S, 1, S // 2 + 7, 0]
@@ -403,7 +404,7 @@ def determinism(kernel, seed=0, device="cuda", fn=None, repeats=2, small=False) 
             q, k, v, seqlens = make_inputs(case, d, device)
             runs = []
             for _ in range(repeats):
-                out, lse = _call(fn, kernel, q, k, v, case, seqlens)
+                out, lse = _call(fn, q, k, v, case, seqlens)
                 _sync(device)
                 runs.append((out.detach().clone(), None if lse is None else lse.detach().clone()))
             equal = all(_same_bits(runs[0][0], o) and (l is None or _same_bits(runs[0][1], l)) for o, l in runs[1:])
