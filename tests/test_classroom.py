@@ -217,6 +217,14 @@ def test_broken_cell_is_reported(tmp_path):
     assert rep.result("ex-fixture-causal").score == 1.0
 
 
+def test_endless_loop_is_stopped_and_reported(tmp_path):
+    p = _modified(tmp_path, "def softmax_rows(x, threads=32):\n", "def softmax_rows(x, threads=32):\n    while True:\n        pass\n")
+    rep = grader.grade(p, mode="sim", timeout=10)
+    r = rep.result("ex-fixture-softmax")
+    assert r.score == 0 and "stopped after the 10 s allowed per exercise" in r.message, rep.format()
+    assert rep.result("ex-fixture-causal").score == 1.0
+
+
 # -- the real chapters, as they appear -----------------------------------------------------
 
 @pytest.mark.parametrize("nb_path", CHAPTERS, ids=[p.stem for p in CHAPTERS])

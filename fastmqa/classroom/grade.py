@@ -94,6 +94,9 @@ class Report:
             if e.status in ("not attempted", "missing"):
                 lines.append(f"{head}\n      {e.status}: {e.message}   score 0 / {e.points:g}")
                 continue
+            if not e.cases:
+                lines.append(f"{head}\n      {e.status}: {e.message}   score 0 / {e.points:g}")
+                continue
             lines.append(f"{head}\n      {e.passed}/{len(e.cases)} cases passed   score "
                          f"{e.score:.2f} / {e.points:g}")
             if e.message:
@@ -167,21 +170,22 @@ def _grade_in_kernel(labels, ns, out_path):
     mode = ("numba CUDA simulator on the CPU" if simulated else
             f"GPU: {torch.cuda.get_device_name()}" if device == "cuda" else "CPU")
     out = {"mode": mode, "results": {}}
-    for label in labels:
+    Path(out_path).write_text(json.dumps(out))
+    for label in labels:  # written after each exercise: a later one that hangs loses only itself
         ex = registry.get(label)
         fn = ns.get(ex.name)
         if not callable(fn):
             out["results"][label] = {"defined": False, "cases": []}
-            continue
-        cases = ex.check(fn, ctx)
-        out["results"][label] = {"defined": True, "cases": [asdict(c) for c in cases]}
-    Path(out_path).write_text(json.dumps(out))
+        else:
+            cases = ex.check(fn, ctx)
+            out["results"][label] = {"defined": True, "cases": [asdict(c) for c in cases]}
+        Path(out_path).write_text(json.dumps(out))
 
 
 def _kernel_manager():
     from jupyter_client.kernelspec import KernelSpec
-    from jupyter_client.manager import KernelManager
-    km = KernelManager(kernel_name="python3")
+    from jupyter_client.manager import AsyncKernelManager  # nbclient's own: timeouts need the async client
+    km = AsyncKernelManager(kernel_name="python3")
     # this very Python, whatever kernelspecs the machine has installed
     km._kernel_spec = KernelSpec(argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
                                        "--IPKernelApp.log_level=ERROR"],
@@ -247,7 +251,9 @@ def grade(path, mode: str = "auto", timeout: int = 900) -> Report:
         elif mode == "gpu":
             env["FASTMQA_SIM"] = "0"
         from nbclient import NotebookClient
-        client = NotebookClient(exe, km=_kernel_manager(), timeout=timeout, allow_errors=True,
+        grader_cell = exe.cells[-1]
+        client = NotebookClient(exe, km=_kernel_manager(), allow_errors=True, interrupt_on_timeout=True,
+                                timeout_func=lambda c: timeout * (len(to_run) if c is grader_cell else 1),
                                 resources={"metadata": {"path": str(path.resolve().parent)}})
         client.execute(env=env)
         report.executed = run_idx
@@ -263,12 +269,18 @@ def grade(path, mode: str = "auto", timeout: int = 900) -> Report:
             cell_err_by_label.setdefault(ex_idx[idx], err)
         else:
             report.cell_errors.append((idx, err))
-    if results is None:
-        raise RuntimeError(f"the grader's own cell failed in {path}: {grader_err}")
+    if results is None:  # the kernel died before the checks began (a crash in a setup cell?)
+        raise RuntimeError(f"the grader's checks did not start in {path}: {grader_err}")
     report.mode = results["mode"]
     for label in to_run:
         r = report.result(label)
-        res = results["results"][label]
+        res = results["results"].get(label)
+        if res is None:
+            r.status = "cell error"
+            why = "stopped after" if (grader_err or "").startswith("KeyboardInterrupt") else "did not finish in"
+            r.message = (f"its check {why} the {timeout} s allowed per exercise: an endless loop, or far "
+                         f"too slow for these shapes?" + (f" ({grader_err})" if why != "stopped after" else ""))
+            continue
         ex = registry.get(label)
         r.cases = res["cases"]
         err = cell_err_by_label.get(label)
