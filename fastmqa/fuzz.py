@@ -78,9 +78,9 @@ def draw_case(kernel, d: _Draw, max_seq=300, max_cache=4096) -> dict:
                 garbage=False, return_lse=bool(kernel.returns_lse and d.prob(0.5)))
     if d.prob(0.2):
         case["scale"] = round(0.02 + 0.98 * float(torch.rand((), generator=d.gen)), 4)
-    if kernel.workspace is not None:
-        case["num_splits"] = d.choice([0, 0, 1, 2, 3, 7, 16])
     if kernel.kind == "decode":
+        if kernel.workspace is not None:   # split-KV: its workspace holds the partial results
+            case["num_splits"] = d.choice([0, 0, 1, 2, 3, 7, 16])
         B = d.int(1, 8)
         H = d.choice([1, 4, 8, 16, 32])
         Sq = d.int(1, kernel.max_sq or 1)
