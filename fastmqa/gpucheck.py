@@ -94,7 +94,7 @@ def main(argv=None):
     ap.add_argument("--sanitizer-tools", default=",".join(SANITIZER_TOOLS))
     ap.add_argument("--notebooks", action="store_true", help="execute notebooks/*.ipynb in place (nbclient)")
     ap.add_argument("--nbval", action="store_true", help="run pytest --nbval-lax on notebooks/")
-    ap.add_argument("--fuzz", type=int, default=0, help="hypothesis examples per kernel for the GPU fuzz run")
+    ap.add_argument("--fuzz", type=int, default=0, help="random cases per kernel for the GPU fuzz run (fastmqa.fuzz; also runs the determinism check)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -138,11 +138,13 @@ def main(argv=None):
             print(f"{e.name}: BUILD FAILED\n{str(err)[-3000:]}", flush=True)
         summary["kernels"][e.name] = rec
     if args.fuzz:
-        from .fuzz import fuzz_kernel
+        from .fuzz import determinism, fuzz_kernel
         for e in entries:
             if built.get(e.name) is None:
                 summary["kernels"][e.name]["fuzz"] = fuzz_kernel(e, examples=args.fuzz)
-                print(f"{e.name}: fuzz {summary['kernels'][e.name]['fuzz']}", flush=True)
+                summary["kernels"][e.name]["determinism"] = determinism(e)
+                print(f"{e.name}: fuzz {summary['kernels'][e.name]['fuzz']}; determinism "
+                      f"{summary['kernels'][e.name]['determinism']}", flush=True)
     if not args.no_sanitizer:
         jobs = [(e.name, t) for e in entries if built.get(e.name) is None for t in args.sanitizer_tools.split(",")]
         with ThreadPoolExecutor(max_workers=6) as pool:
@@ -159,7 +161,8 @@ def main(argv=None):
         summary["nbval"] = {"ok": p.returncode == 0, "tail": (p.stdout + p.stderr)[-2000:]}
         print("nbval:", "ok" if p.returncode == 0 else "FAIL", (p.stdout + p.stderr)[-600:], flush=True)
     ok = all(r["build"] == "ok" and r["grid"]["passed"] == r["grid"]["total"]
-             and r.get("fuzz", {"ok": True})["ok"] for r in summary["kernels"].values())
+             and r.get("fuzz", {"ok": True})["ok"] and r.get("determinism", {"ok": True})["ok"]
+             for r in summary["kernels"].values())
     ok = ok and all(r["ok"] for r in summary["sanitizer"]) and all(r["ok"] for r in summary["notebooks"])
     ok = ok and summary.get("nbval", {"ok": True})["ok"]
     summary["ok"] = ok
@@ -185,7 +188,8 @@ def format_summary(s) -> str:
         grid = f"grid {g['passed']}/{g['total']} (worst {g['worst_ratio']:.2f}x tol)" if g else "grid -"
         lines.append(f"  {name:22s} build {r['build'][:4]:4s}  {grid}"
                      + "".join(f"  {t} {v}" for t, v in san.items())
-                     + (f"  fuzz {r['fuzz']['passed']}/{r['fuzz']['total']}" if "fuzz" in r else ""))
+                     + (f"  fuzz {r['fuzz']['passed']}/{r['fuzz']['total']}" if "fuzz" in r else "")
+                     + (f"  deterministic {'yes' if r['determinism']['ok'] else 'NO'}" if "determinism" in r else ""))
     for n in s["notebooks"]:
         lines.append(f"  notebook {n['notebook']}: {'ok' if n['ok'] else 'FAIL'} ({n['seconds']} s)")
     if "nbval" in s:

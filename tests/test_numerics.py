@@ -152,12 +152,7 @@ def test_reference_fully_masked_rows(dtype):
 
 
 # -- every prototype: the special cases of fastmqa.fuzz --------------------------------
-KNOWN = {
-    ("flash:mqa_flash", "nan_q_row"): "mqa_flash skips a tile whose scores are all NaN (max(-inf, nan) = -inf "
-                                      "in the running max), so a NaN query row comes out as zeros",
-    ("decode:mqa_decode_splitkv", "nan_q_row"): "the decode prototype's running max drops NaN scores the same "
-                                                "way: a NaN query row comes out as zeros",
-}
+KNOWN = {}  # (prototype, case) pairs known to fail, with the reason; none now
 
 
 def _special_params():

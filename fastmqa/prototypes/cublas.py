@@ -57,14 +57,14 @@ def softmax_rows_kernel(S, lse, Sq, causal):
         mo = cuda.shfl_xor_sync(FULL, m, off)
         lo = cuda.shfl_xor_sync(FULL, l, off)
         mn = max(m, mo)
-        l = (l * math.exp(m - mn) if l > 0.0 else 0.0) + (lo * math.exp(mo - mn) if lo > 0.0 else 0.0)
+        l = (l * math.exp(m - mn) if l != 0.0 else 0.0) + (lo * math.exp(mo - mn) if lo != 0.0 else 0.0)
         m = mn
         off //= 2
-    inv = 1.0 / l if l > 0.0 else 0.0         # a row that sees no key: P = 0, so O = 0
+    inv = 1.0 / l if l != 0.0 else 0.0         # a row that sees no key: P = 0, so O = 0
     for j in range(lane, Skv, 32):
         S[row, j] = math.exp(S[row, j] - m) * inv if j < j_end else 0.0
     if lane == 0:
-        lse[row] = m + math.log(l) if l > 0.0 else -math.inf
+        lse[row] = m + math.log(l) if l != 0.0 else -math.inf
 
 
 def softmax_rows(S, Sq, causal):

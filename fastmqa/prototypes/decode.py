@@ -76,8 +76,9 @@ def decode_partial_kernel(q, k, v, lens, part_o, part_lse, scale, causal):
             dot = 0.0
             for d in range(D):
                 dot += q[b, h, i, d] * Ks[jj, d]
-            m_new = max(m_new, dot * scale)
-        if m_new > -math.inf:                     # else this row has seen no key yet
+            x = dot * scale
+            m_new = x if (x != x or x > m_new) else m_new   # NaN wins: NaN inputs give NaN rows
+        if m_new != -math.inf:                    # else this row has seen no key yet
             alpha = math.exp(m - m_new)
             l *= alpha
             for d in range(D):
@@ -92,10 +93,10 @@ def decode_partial_kernel(q, k, v, lens, part_o, part_lse, scale, causal):
                     acc[d] += p * Vs[jj, d]
             m = m_new
         cuda.syncthreads()                        # before the next tile overwrites Ks, Vs
-    inv = 1.0 / l if l > 0.0 else 0.0
+    inv = 1.0 / l if l != 0.0 else 0.0
     for d in range(D):
         part_o[s, b, r, d] = acc[d] * inv
-    part_lse[s, b, r] = m + math.log(l) if l > 0.0 else -math.inf
+    part_lse[s, b, r] = m + math.log(l) if l != 0.0 else -math.inf
 
 
 @cuda.jit
@@ -108,7 +109,8 @@ def decode_combine_kernel(part_o, part_lse, o, lse):
     b, r = t // M, t % M
     mx = -math.inf
     for s in range(n_splits):
-        mx = max(mx, part_lse[s, b, r])
+        x = part_lse[s, b, r]
+        mx = x if (x != x or x > mx) else mx     # a NaN split makes the row NaN
     for d in range(D):
         o[b, r, d] = 0.0
     if mx == -math.inf:                           # no split saw a key: zeros, lse = -inf
@@ -177,7 +179,7 @@ def mqa_decode_splitkv(q, k, v, causal=False, scale=None, seqlens=None, num_spli
 # -- the launcher's split count, and reading the chapter's results ---------------------------
 
 def choose_splits(base, tiles, slots, max_splits=128):
-    """The split count kernels/10_decode.cu chooses (a mirror of its choose_splits).
+    """The split count kernels/10_decode.cu chooses (a mirror of choose_splits in decode_common.cuh).
 
     base: CTAs without splitting (B x row blocks); tiles: key tiles of the longest sequence;
     slots: CTAs resident at once (SMs x CTAs per SM). Fill the slots in whole waves, at least one

@@ -160,9 +160,10 @@ def mqa_flash_kernel(q, k, v, o, lse, scale, causal):
                     for d in range(D):
                         dot += q[b, h, i, d] * Ks[jj, d]
                     s[jj] = dot * scale
-                    m_tile = max(m_tile, s[jj])
-            m_new = max(m, m_tile)
-            if m_new > -math.inf:              # else the row has seen no key yet
+                    # a NaN score must win the max (Python's max drops it): NaN inputs give NaN rows
+                    m_tile = s[jj] if (s[jj] != s[jj] or s[jj] > m_tile) else m_tile
+            m_new = m_tile if (m_tile != m_tile or m_tile > m) else m
+            if m_new != -math.inf:             # else the row has seen no key yet
                 alpha = math.exp(m - m_new)    # rescale what was summed under the old max
                 l *= alpha
                 for d in range(D):
@@ -175,10 +176,10 @@ def mqa_flash_kernel(q, k, v, o, lse, scale, causal):
                 m = m_new
         cuda.syncthreads()                     # before the next tile overwrites Ks, Vs
     if valid:
-        inv = 1.0 / l if l > 0.0 else 0.0      # a row that saw no key: zeros, lse = -inf
+        inv = 1.0 / l if l != 0.0 else 0.0      # a row that saw no key: zeros, lse = -inf
         for d in range(D):
             o[b, h, i, d] = acc[d] * inv
-        lse[b, h, i] = m + math.log(l) if l > 0.0 else -math.inf
+        lse[b, h, i] = m + math.log(l) if l != 0.0 else -math.inf
 
 
 @cuda.jit
@@ -254,13 +255,13 @@ def mqa_flash_tiled_kernel(q, k, v, o, lse, scale, causal):
                 acc[u] = a
         cuda.syncthreads()
     if valid:
-        inv = 1.0 / l if l > 0.0 else 0.0
+        inv = 1.0 / l if l != 0.0 else 0.0
         for u in range(DMAX // BN):
             d = c + u * BN
             if d < D:
                 o[b, h, i, d] = acc[u] * inv
         if c == 0:
-            lse[b, h, i] = m + math.log(l) if l > 0.0 else -math.inf
+            lse[b, h, i] = m + math.log(l) if l != 0.0 else -math.inf
 
 
 def mqa_flash(q, k, v, causal=False, scale=None, return_lse=False):

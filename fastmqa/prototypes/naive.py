@@ -48,7 +48,7 @@ def mqa_naive_kernel(q, k, v, o, scale, causal):
         l += p
         for d in range(D):
             o[b, h, i, d] += p * v[b, j, d]
-    if l > 0.0:
+    if l != 0.0:
         for d in range(D):
             o[b, h, i, d] /= l
 

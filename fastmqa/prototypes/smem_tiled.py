@@ -103,9 +103,9 @@ def mqa_smem_tiled_kernel(q, k, v, o, lse, scale, causal):
             for d in range(D):
                 acc[d] += p * Vs[jj, d]
 
-    inv = 1.0 / l if l > 0.0 else 0.0      # a row that sees no key: zeros, lse = -inf
+    inv = 1.0 / l if l != 0.0 else 0.0      # a row that sees no key: zeros, lse = -inf
     if valid:
-        lse[b, h, i] = m + math.log(l) if l > 0.0 else -math.inf
+        lse[b, h, i] = m + math.log(l) if l != 0.0 else -math.inf
     cuda.syncthreads()                     # Qs is no longer needed as q: reuse it for o
     for d in range(D):
         Qs[t, d] = acc[d] * inv

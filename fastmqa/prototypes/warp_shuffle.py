@@ -198,13 +198,13 @@ def mqa_warp_shuffle_kernel(q, k, v, o, lse, scale, causal):
         if r0 + r < rows:
             row = r0 + r
             i, h = row // H, row % H
-            inv = 1.0 / lr if lr > 0.0 else 0.0   # a row that sees no key: zeros, lse = -inf
+            inv = 1.0 / lr if lr != 0.0 else 0.0   # a row that sees no key: zeros, lse = -inf
             for f in range(F):
                 d = f * 32 + lane
                 if d < D:
                     o[b, h, i, d] = acc[r, f] * inv
             if lane == 0:
-                lse[b, h, i] = m[r] + math.log(lr) if lr > 0.0 else -math.inf
+                lse[b, h, i] = m[r] + math.log(lr) if lr != 0.0 else -math.inf
 
 
 def mqa_warp_shuffle(q, k, v, causal=False, scale=None, return_lse=False):
