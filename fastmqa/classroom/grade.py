@@ -255,10 +255,14 @@ def grade(path, mode: str = "auto", timeout: int = 900) -> Report:
         client = NotebookClient(exe, km=_kernel_manager(), allow_errors=True, interrupt_on_timeout=True,
                                 timeout_func=lambda c: timeout * (len(to_run) if c is grader_cell else 1),
                                 resources={"metadata": {"path": str(path.resolve().parent)}})
-        client.execute(env=env)
+        died = None
+        try:
+            client.execute(env=env)
+        except Exception as e:  # DeadKernelError: a segfault, os._exit(), out of memory ...
+            died = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         report.executed = run_idx
         errors = {run_idx[k]: _error_text(c) for k, c in enumerate(exe.cells[:-1])}
-        grader_err = _error_text(exe.cells[-1])
+        grader_err = died or _error_text(exe.cells[-1])
         results = json.loads(out_json.read_text()) if out_json.exists() else None
     ex_idx = {e.index: e.label for e in ex_cells}
     cell_err_by_label = {}
@@ -269,8 +273,14 @@ def grade(path, mode: str = "auto", timeout: int = 900) -> Report:
             cell_err_by_label.setdefault(ex_idx[idx], err)
         else:
             report.cell_errors.append((idx, err))
-    if results is None:  # the kernel died before the checks began (a crash in a setup cell?)
-        raise RuntimeError(f"the grader's checks did not start in {path}: {grader_err}")
+    if results is None:  # the kernel died before the checks began
+        results = {"mode": "the kernel stopped", "results": {}}
+        for label in to_run:
+            r = report.result(label)
+            r.status = "cell error"
+            r.message = f"the checks never ran: {grader_err or 'the kernel stopped'}" + (
+                f"; cell errors: {cell_err_by_label[label]}" if label in cell_err_by_label else "")
+        to_run = []
     report.mode = results["mode"]
     for label in to_run:
         r = report.result(label)
