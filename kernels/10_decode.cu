@@ -21,9 +21,7 @@
 //     programmatic dependent launch, so its launch overlaps the first kernel's tail).
 // MLA's 576-wide latent does not fit this register budget: see 11_decode_mla.cu.
 #include "mqa_params.cuh"
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cstdint>
+#include "decode_common.cuh"  // PTX wrappers, the KV pipeline, split weights, choose_splits, the launcher
 
 #ifndef FASTMQA_DECODE_STAGES
 #define FASTMQA_DECODE_STAGES 4  // scripts/dev_decode.py builds other depths with -D to compare
@@ -31,49 +29,7 @@
 
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
-constexpr int kMaxSplits = 128;
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-// 16-byte async copy; valid = false writes zeros (keys past the chunk: the cache there may hold NaN).
-// K/V are read exactly once: evict_first keeps them from pushing Q and the partials out of L2.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid, uint64_t policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n"
-               ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0), "l"(policy) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)) : "memory");
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)) : "memory");
-}
-__device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: exp2(-inf) = 0
-  float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y;
-}
-
-template <typename T> struct Elem;
-template <> struct Elem<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t pack(float x, float y) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(x, y); return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-template <> struct Elem<__half> {
-  static __device__ __forceinline__ uint32_t pack(float x, float y) {
-    __half2 h = __floats2half2_rn(x, y); return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
+constexpr int kMaxSplits = 128;  // the combine keeps one weight a split in shared memory
 
 template <int D_, int STAGES_>
 struct Cfg {
@@ -88,13 +44,6 @@ struct Cfg {
   static size_t smem(bool kv_same) { return pipe(kv_same) + size_t(MB) * LD * 2 + 2 * W * MB * 4; }
 };
 
-struct Args {
-  const void *q, *k, *v; void* o; float* lse; const int* seqlens;
-  float *ws_o, *ws_lse;        // partials (splits, B, M, D) and (splits, B, M) when splits > 1
-  int B, M, Sq, Skv, causal, splits, RB, kv_same;
-  float scale_log2;            // softmax scale · log2(e): scores live in log2 units
-};
-
 template <typename T, class C>
 __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
   asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may get scheduled now
@@ -103,47 +52,12 @@ __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int rb = blockIdx.x % a.RB, split = blockIdx.x / a.RB, b = blockIdx.y;
   const int row0 = rb * MB, rows = min(MB, a.M - row0), mt_n = (rows + 15) / 16;
-  const int len = a.seqlens ? a.seqlens[b] : a.Skv;
-  // This CTA's keys [k0, k1): the sequence's own length cut into `splits` chunks of whole tiles.
-  const int chunk = ((len + a.splits - 1) / a.splits + N - 1) / N * N;
-  const int k0 = min(len, split * chunk), k1 = min(len, k0 + chunk), ntiles = (k1 - k0 + N - 1) / N;
-
-  const size_t stage = size_t(N) * LD * (a.kv_same ? 1 : 2);           // elements per pipeline stage
-  T* Ks = reinterpret_cast<T*>(smem);                                   // STAGES of K (and V) tiles
+  const KVChunk<T, C> kv(a, b, split, reinterpret_cast<T*>(smem));  // keys [k0, k1); STAGES of K (and V) tiles
+  const int len = kv.len, k0 = kv.k0, k1 = kv.k1, ntiles = kv.ntiles;
   float* Obuf = reinterpret_cast<float*>(smem);                         // (W, MB, LDO), after the loop
   T* Qs = reinterpret_cast<T*>(smem + C::pipe(a.kv_same));              // (MB, LD)
   float *stat_m = reinterpret_cast<float*>(Qs + MB * LD), *stat_l = stat_m + C::W * MB;
-
-  uint64_t evict_first, evict_last;
-  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(evict_first));
-  asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(evict_last));
-  const T* qg = static_cast<const T*>(a.q) + (size_t(b) * a.M + row0) * D;
-  const T* kg = static_cast<const T*>(a.k) + size_t(b) * a.Skv * D;
-  const T* vg = static_cast<const T*>(a.v) + size_t(b) * a.Skv * D;
-  auto load_tile = [&](int t) {  // a tile is N consecutive rows of the cache: one contiguous block
-    T* ks = Ks + (t % C::STAGES) * stage;
-    const int j0 = k0 + t * N;
-#pragma unroll
-    for (int it = 0; it < N * C::CH / C::THREADS; ++it) {
-      const int c = tid + it * C::THREADS, r = c / C::CH, ch = c % C::CH;
-      const bool ok = j0 + r < k1;
-      const size_t off = ok ? size_t(j0 + r) * D + ch * 8 : 0;
-      cp_async16(ks + r * LD + ch * 8, kg + off, ok, evict_first);
-      if (!a.kv_same) cp_async16(ks + N * LD + r * LD + ch * 8, vg + off, ok, evict_first);
-    }
-  };
-  if (ntiles > 0) {
-#pragma unroll
-    for (int it = 0; it < MB * C::CH / C::THREADS; ++it) {
-      const int c = tid + it * C::THREADS, r = c / C::CH, ch = c % C::CH;
-      cp_async16(Qs + r * LD + ch * 8, qg + (r < rows ? size_t(r) * D + ch * 8 : 0), r < rows, evict_last);
-    }
-  }
-#pragma unroll
-  for (int t = 0; t < C::STAGES - 1; ++t) {  // group t holds tile t (group 0 also Q)
-    if (t < ntiles) load_tile(t);
-    cp_async_commit();
-  }
+  kv.start(Qs, static_cast<const T*>(a.q) + (size_t(b) * a.M + row0) * D, rows);  // Q and the first tiles
 
   // This thread's rows are mt·16 + g + 8·hr; causal: row i sees keys j <= i + len - Sq.
   int jmax[2][2];
@@ -162,9 +76,9 @@ __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
   for (int t = 0; t < ntiles; ++t) {
     cp_async_wait<C::STAGES - 2>();          // all but the newest STAGES-2 groups: tile t is here
     __syncthreads();                         // ... for every thread, and every warp is done with t-1,
-    if (t + C::STAGES - 1 < ntiles) load_tile(t + C::STAGES - 1);  // so t-1's stage takes a new tile
+    if (t + C::STAGES - 1 < ntiles) kv.load(t + C::STAGES - 1);  // so t-1's stage takes a new tile
     cp_async_commit();
-    const T* ks = Ks + (t % C::STAGES) * stage;
+    const T* ks = kv.tile(t);
     const T* vs = a.kv_same ? ks : ks + N * LD;
     const int j0 = k0 + t * N + kw;          // this warp's first key
     if (j0 >= k1) continue;                  // (warp-uniform) all its keys lie past the chunk
@@ -293,27 +207,9 @@ __global__ void __launch_bounds__(256) combine_kernel(const float* __restrict__ 
   __shared__ float w_s[kMaxSplits], stat[2][8];
   __shared__ float4 red[G][C4];
   asm volatile("griddepcontrol.wait;" ::: "memory");  // the partials are complete and visible
-  const int row = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  float mx = -INFINITY, sum = 0.f;
-  for (int s = tid; s < splits; s += 256) mx = fmaxf(mx, ws_lse[size_t(s) * rows + row]);
-#pragma unroll
-  for (int o2 = 16; o2 > 0; o2 /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2));
-  if (lane == 0) stat[0][warp] = mx;
-  __syncthreads();
-  mx = stat[0][0];
-#pragma unroll
-  for (int w = 1; w < 8; ++w) mx = fmaxf(mx, stat[0][w]);
-  for (int s = tid; s < splits; s += 256) {  // empty splits (lse = -inf) weigh 0; their o_s is 0
-    const float w = mx == -INFINITY ? 0.f : fast_exp2(ws_lse[size_t(s) * rows + row] - mx);
-    w_s[s] = w; sum += w;
-  }
-#pragma unroll
-  for (int o2 = 16; o2 > 0; o2 /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o2);
-  if (lane == 0) stat[1][warp] = sum;
-  __syncthreads();
-  sum = 0.f;
-#pragma unroll
-  for (int w = 0; w < 8; ++w) sum += stat[1][w];
+  const int row = blockIdx.x, tid = threadIdx.x;
+  float mx, sum;
+  split_weights<256>(ws_lse, rows, row, splits, w_s, stat, mx, sum);
   const int c = tid % C4, grp = tid / C4;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8
@@ -334,57 +230,9 @@ __global__ void __launch_bounds__(256) combine_kernel(const float* __restrict__ 
   if (lse && tid == 0) lse[row] = sum != 0.f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
 }
 
-// Split count: enough CTAs to fill the resident slots (SMs x CTAs per SM) in whole waves, each split
-// at least one tile; among counts that reach 95% of the best wave efficiency, the smallest (fewest
-// partials to write and combine). Only counts that are not a smaller count in disguise: splits of
-// ceil(tiles / s) tiles each must number s.
-int choose_splits(int base, int tiles, int slots) {
-  if (10 * base >= 8 * slots || tiles <= 1) return 1;
-  const int max_s = min(min(tiles, kMaxSplits), (2 * slots + base - 1) / base);
-  auto eff = [&](int s) { float w = float(base) * s / slots; return w / ceilf(w); };
-  auto eligible = [&](int s) { const int c = (tiles + s - 1) / s; return (tiles + c - 1) / c == s; };
-  float best = 0.f;
-  for (int s = 1; s <= max_s; ++s) if (eligible(s)) best = fmaxf(best, eff(s));
-  for (int s = 1; s <= max_s; ++s) if (eligible(s) && eff(s) >= 0.95f * best) return s;
-  return 1;
-}
-
 template <typename T, class C>
 int launch(const MQAParams& p) {
-  const int M = p.H * p.Sq, RB = (M + C::MB - 1) / C::MB;
-  const bool kv_same = p.k == p.v;
-  const size_t smem = C::smem(kv_same);
-  static size_t smem_set = 0;  // the kernel's dynamic shared-memory limit, raised once
-  static int occ[2] = {0, 0};  // resident CTAs per SM, for distinct / shared K and V
-  if (smem > smem_set) {
-    if (cudaFuncSetAttribute(decode_kernel<T, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess)
-      return FASTMQA_UNSUPPORTED;
-    smem_set = smem;
-  }
-  if (occ[kv_same] == 0) {
-    int n = 1;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<T, C>, C::THREADS, smem);
-    occ[kv_same] = max(1, min(n, 4));  // fastmqa/kernels.py bounds the workspace assuming <= 4
-  }
-  const int tiles = max(1, (p.Skv + C::N - 1) / C::N);
-  const int splits = p.num_splits > 0 ? min(min(p.num_splits, tiles), kMaxSplits)
-                                      : choose_splits(p.B * RB, tiles, p.num_sms * occ[kv_same]);
-  const size_t ws_need = size_t(splits) * p.B * M * (C::D + 1) * sizeof(float);
-  if (splits > 1 && (p.workspace == nullptr || p.workspace_bytes < ws_need)) return FASTMQA_UNSUPPORTED;
-  Args a{p.q, p.k, p.v, p.o, p.lse, p.seqlens, static_cast<float*>(p.workspace), nullptr,
-         p.B, M, p.Sq, p.Skv, p.causal, splits, RB, kv_same, p.scale * kLog2e};
-  if (splits > 1) a.ws_lse = a.ws_o + size_t(splits) * p.B * M * C::D;
-  decode_kernel<T, C><<<dim3(RB * splits, p.B), C::THREADS, smem, p.stream>>>(a);
-  if (splits == 1) return 0;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(p.B * M); cfg.blockDim = dim3(256); cfg.stream = p.stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr; cfg.numAttrs = 1;
-  cudaLaunchKernelEx(&cfg, combine_kernel<T, C::D>, (const float*)a.ws_o, (const float*)a.ws_lse,
-                     static_cast<T*>(p.o), p.lse, p.B * M, splits);
-  return 0;
+  return launch_split_kv<T, C, kMaxSplits, 256>(p, decode_kernel<T, C>, combine_kernel<T, C::D>);
 }
 
 template <typename T>

@@ -1,0 +1,218 @@
+// decode_common.cuh — what the two split-KV decode kernels, 10_decode.cu and 11_decode_mla.cu, share:
+// the PTX wrappers (cp.async, ldmatrix, mma.sync, ex2), the kernel arguments, a CTA's chunk of the
+// cache streamed through a cp.async pipeline, the combine's split weights, the split-count rule and
+// the launcher (decode kernel, then the combine by programmatic dependent launch).
+// Everything sits in an anonymous namespace, as the rest of each kernel file: internal to its file.
+#pragma once
+#include "mqa_params.cuh"
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+// 16-byte async copy; valid = false writes zeros (keys past the chunk: the cache there may hold NaN).
+// K/V are read exactly once: evict_first keeps them from pushing Q and the partials out of L2.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid, uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n"
+               ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0), "l"(policy) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)) : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)) : "memory");
+}
+__device__ __forceinline__ void ldsm_x2_t(uint32_t (&r)[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1]) : "r"(smem_u32(p)) : "memory");
+}
+__device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: exp2(-inf) = 0
+  float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y;
+}
+
+// The 16-bit element type: pack two floats into one register (the lower column in the low half),
+// and c += a (16x16, row) b (16x8, col) on tensor cores with fp32 accumulators.
+template <typename T> struct Elem;
+template <> struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float x, float y) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(x, y); return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct Elem<__half> {
+  static __device__ __forceinline__ uint32_t pack(float x, float y) {
+    __half2 h = __floats2half2_rn(x, y); return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+struct Args {
+  const void *q, *k, *v; void* o; float* lse; const int* seqlens;
+  float *ws_o, *ws_lse;        // partials (splits, B, M, D) and (splits, B, M) when splits > 1
+  int B, M, Sq, Skv, causal, splits, RB, kv_same;
+  float scale_log2;            // softmax scale · log2(e): scores live in log2 units
+};
+
+// A CTA's keys [k0, k1) of sequence b, streamed through a STAGES-deep cp.async pipeline. The chunk is
+// the sequence's own length (seqlens[b]) cut into `splits` chunks of whole N-key tiles. Tile t is N
+// consecutive rows of the cache (one contiguous block) of K, and of V unless k and v are one tensor,
+// in stage t % STAGES of Ks. C gives D, N, MB, LD (row pitch), CH (16-byte chunks a row), STAGES, THREADS.
+template <typename T, class C>
+struct KVChunk {
+  int len, k0, k1, ntiles;
+  size_t stage;  // elements per pipeline stage
+  T* Ks;
+  const T *kg, *vg;
+  int kv_same;  // k and v are one tensor: one tile a stage
+  uint64_t evict_first;
+
+  __device__ __forceinline__ KVChunk(const Args& a, int b, int split, T* Ks_) : Ks(Ks_), kv_same(a.kv_same) {
+    constexpr int N = C::N;
+    len = a.seqlens ? a.seqlens[b] : a.Skv;
+    const int chunk = ((len + a.splits - 1) / a.splits + N - 1) / N * N;
+    k0 = min(len, split * chunk); k1 = min(len, k0 + chunk); ntiles = (k1 - k0 + N - 1) / N;
+    stage = size_t(N) * C::LD * (kv_same ? 1 : 2);
+    kg = static_cast<const T*>(a.k) + size_t(b) * a.Skv * C::D;
+    vg = static_cast<const T*>(a.v) + size_t(b) * a.Skv * C::D;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(evict_first));
+  }
+  // Tile t's K; its V follows at + N·LD unless kv_same.
+  __device__ __forceinline__ T* tile(int t) const { return Ks + (t % C::STAGES) * stage; }
+  __device__ __forceinline__ void load(int t) const {
+    constexpr int N = C::N, D = C::D, LD = C::LD;
+    T* ks = tile(t);
+    const int j0 = k0 + t * N, tid = threadIdx.x;
+#pragma unroll
+    for (int it = 0; it < N * C::CH / C::THREADS; ++it) {
+      const int c = tid + it * C::THREADS, r = c / C::CH, ch = c % C::CH;
+      const bool ok = j0 + r < k1;
+      const size_t off = ok ? size_t(j0 + r) * D + ch * 8 : 0;
+      cp_async16(ks + r * LD + ch * 8, kg + off, ok, evict_first);
+      if (!kv_same) cp_async16(ks + N * LD + r * LD + ch * 8, vg + off, ok, evict_first);
+    }
+  }
+  // Fill the pipeline: group t holds tile t, group 0 also the CTA's `rows` query rows qg (into Qs,
+  // (MB, LD), zeros past `rows`), kept in L2 (evict_last): every split's CTA reads the same rows.
+  __device__ __forceinline__ void start(T* Qs, const T* qg, int rows) const {
+    constexpr int D = C::D, LD = C::LD;
+    uint64_t evict_last;
+    asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(evict_last));
+    const int tid = threadIdx.x;
+    if (ntiles > 0) {
+#pragma unroll
+      for (int it = 0; it < C::MB * C::CH / C::THREADS; ++it) {
+        const int c = tid + it * C::THREADS, r = c / C::CH, ch = c % C::CH;
+        cp_async16(Qs + r * LD + ch * 8, qg + (r < rows ? size_t(r) * D + ch * 8 : 0), r < rows, evict_last);
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < C::STAGES - 1; ++t) {
+      if (t < ntiles) load(t);
+      cp_async_commit();
+    }
+  }
+};
+
+// The combine's first half, one CTA of THREADS per query row `row`: the weight w_s = 2^(lse_s - mx)
+// of every split s into w_s[], with mx = max_s lse_s; returns mx and sum = sum_s w_s. Empty splits
+// (lse = -inf) weigh 0 (their o_s is 0). stat: shared scratch of 2 x THREADS/32 floats.
+template <int THREADS>
+__device__ __forceinline__ void split_weights(const float* __restrict__ ws_lse, int rows, int row, int splits,
+                                              float* w_s, float (*stat)[THREADS / 32], float& mx, float& sum) {
+  constexpr int WARPS = THREADS / 32;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  mx = -INFINITY; sum = 0.f;
+  for (int s = tid; s < splits; s += THREADS) mx = fmaxf(mx, ws_lse[size_t(s) * rows + row]);
+#pragma unroll
+  for (int o2 = 16; o2 > 0; o2 /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2));
+  if (lane == 0) stat[0][warp] = mx;
+  __syncthreads();
+  mx = stat[0][0];
+#pragma unroll
+  for (int w = 1; w < WARPS; ++w) mx = fmaxf(mx, stat[0][w]);
+  for (int s = tid; s < splits; s += THREADS) {
+    const float w = mx == -INFINITY ? 0.f : fast_exp2(ws_lse[size_t(s) * rows + row] - mx);
+    w_s[s] = w; sum += w;
+  }
+#pragma unroll
+  for (int o2 = 16; o2 > 0; o2 /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o2);
+  if (lane == 0) stat[1][warp] = sum;
+  __syncthreads();
+  sum = stat[1][0];
+#pragma unroll
+  for (int w = 1; w < WARPS; ++w) sum += stat[1][w];
+}
+
+// Split count: enough CTAs to fill the resident slots (SMs x CTAs per SM) in whole waves, each split
+// at least one tile; among counts that reach 95% of the best wave efficiency, the smallest (fewest
+// partials to write and combine). Only counts that are not a smaller count in disguise: splits of
+// ceil(tiles / s) tiles each must number s.
+int choose_splits(int base, int tiles, int slots, int max_splits) {
+  if (10 * base >= 8 * slots || tiles <= 1) return 1;
+  const int max_s = min(min(tiles, max_splits), (2 * slots + base - 1) / base);
+  auto eff = [&](int s) { float w = float(base) * s / slots; return w / ceilf(w); };
+  auto eligible = [&](int s) { const int c = (tiles + s - 1) / s; return (tiles + c - 1) / c == s; };
+  float best = 0.f;
+  for (int s = 1; s <= max_s; ++s) if (eligible(s)) best = fmaxf(best, eff(s));
+  for (int s = 1; s <= max_s; ++s) if (eligible(s) && eff(s) >= 0.95f * best) return s;
+  return 1;
+}
+
+// Launch `decode` (C::THREADS a CTA, C::smem bytes, RB row blocks x splits, B) and, when the keys are
+// split, `combine`: one CTA of COMBINE_THREADS per query row, with programmatic dependent launch, so
+// its CTAs are scheduled while the decode kernel finishes and wait (griddepcontrol.wait) for the
+// partials. The workspace holds (splits, B, M, D) partial outputs, then (splits, B, M) lse.
+template <typename T, class C, int MAX_SPLITS, int COMBINE_THREADS>
+int launch_split_kv(const MQAParams& p, void (*decode)(Args),
+                    void (*combine)(const float*, const float*, T*, float*, int, int)) {
+  const int M = p.H * p.Sq, RB = (M + C::MB - 1) / C::MB;
+  const bool kv_same = p.k == p.v;
+  const size_t smem = C::smem(kv_same);
+  static size_t smem_set = 0;  // the kernel's dynamic shared-memory limit, raised once
+  static int occ[2] = {0, 0};  // resident CTAs per SM, for distinct / shared K and V
+  if (smem > smem_set) {
+    if (cudaFuncSetAttribute(decode, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess)
+      return FASTMQA_UNSUPPORTED;
+    smem_set = smem;
+  }
+  if (occ[kv_same] == 0) {
+    int n = 1;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode, C::THREADS, smem);
+    occ[kv_same] = max(1, min(n, 4));  // fastmqa/kernels.py bounds the workspace assuming <= 4
+  }
+  const int tiles = max(1, (p.Skv + C::N - 1) / C::N);
+  const int splits = p.num_splits > 0 ? min(min(p.num_splits, tiles), MAX_SPLITS)
+                                      : choose_splits(p.B * RB, tiles, p.num_sms * occ[kv_same], MAX_SPLITS);
+  const size_t ws_need = size_t(splits) * p.B * M * (C::D + 1) * sizeof(float);
+  if (splits > 1 && (p.workspace == nullptr || p.workspace_bytes < ws_need)) return FASTMQA_UNSUPPORTED;
+  Args a{p.q, p.k, p.v, p.o, p.lse, p.seqlens, static_cast<float*>(p.workspace), nullptr,
+         p.B, M, p.Sq, p.Skv, p.causal, splits, RB, kv_same, p.scale * kLog2e};
+  if (splits > 1) a.ws_lse = a.ws_o + size_t(splits) * p.B * M * C::D;
+  decode<<<dim3(RB * splits, p.B), C::THREADS, smem, p.stream>>>(a);
+  if (splits == 1) return 0;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(p.B * M); cfg.blockDim = dim3(COMBINE_THREADS); cfg.stream = p.stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr; cfg.numAttrs = 1;
+  cudaLaunchKernelEx(&cfg, combine, (const float*)a.ws_o, (const float*)a.ws_lse,
+                     static_cast<T*>(p.o), p.lse, p.B * M, splits);
+  return 0;
+}
+
+}  // namespace
