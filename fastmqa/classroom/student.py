@@ -23,7 +23,7 @@ from pathlib import Path
 import nbformat
 
 from .convention import (BEGIN_SOLUTION, EXERCISE_TAG, SOLUTION_TAG, ConventionError, exercise_cells,
-                         stub_source, tags)
+                         exercise_label, stub_source, tags)
 
 ROOT = Path(__file__).resolve().parents[2]
 _DIRECTIVE = re.compile(r"^\{([A-Za-z0-9_-]+)\}")
@@ -81,7 +81,7 @@ def strip_solutions(nb, where: str = "notebook"):
         elif cell.cell_type == "code":
             t = tags(cell)
             if SOLUTION_TAG in t:
-                cell.source = stub_source(cell.source, _label(cell), w)
+                cell.source = stub_source(cell.source, exercise_label(cell), w)
                 cell.metadata["tags"] = [EXERCISE_TAG if x == SOLUTION_TAG else x for x in t]
                 cell.outputs, cell.execution_count = [], None
                 cells.append(cell)
@@ -110,11 +110,6 @@ def _join_kept(lines, keep):
         removed = False
         out.append(line)
     return out
-
-
-def _label(cell):
-    from .convention import exercise_label
-    return exercise_label(cell)
 
 
 def _assert_no_leak(nb, where):
