@@ -3,6 +3,7 @@
 #   gpu_full.sh check   -> python -m fastmqa.gpucheck (grid, fuzz, sanitizer)
 #   gpu_full.sh bench   -> python -m fastmqa.bench all + Nsight Compute counters (results/*.json)
 #   gpu_full.sh books   -> execute every notebook in place (outputs of this GPU) + nbval
+#   gpu_full.sh gputests -> pytest -m gpu tests/
 # Steps can be combined: gpu_full.sh check bench books. Outputs come back as $OUT/run.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,11 +23,14 @@ for step in "$@"; do
   case $step in
     check) python3 -m fastmqa.gpucheck --fuzz ${FUZZ:-25} 2>&1 | tee "$OUT/gpucheck.log" || rc=1 ;;
     bench) python3 -m fastmqa.bench ${SUITES:-all} 2>&1 | grep -v Warning | tee "$OUT/bench.log" || rc=1
-           python3 -m fastmqa.profile 2>&1 | tail -40 | tee "$OUT/profile.log" || rc=1 ;;
+           python3 -m fastmqa.profile --kernels ${PROFILE_KERNELS:-01_naive,02_smem_tiled,03_warp_shuffle,04_cublas,05_flash_fp32,06_flash_mma} \
+             2>&1 | tail -40 | tee "$OUT/profile.log" || rc=1 ;;
+    gputests) timeout ${GPUTEST_TIMEOUT:-240} python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -40 \
+             | tee "$OUT/pytest_gpu.log" || rc=1 ;;
     books) python3 -m fastmqa.gpucheck --no-sanitizer --notebooks --nbval --kernels ${NB_KERNELS:-01_naive} --quick 2>&1 \
              | tee "$OUT/notebooks.log" || rc=1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
+  tar czf "$OUT/run.tar.gz" results notebooks/*.ipynb 2>/dev/null  # after every step: a timeout keeps what was done
 done
-tar czf "$OUT/run.tar.gz" results notebooks/*.ipynb 2>/dev/null
 exit $rc
