@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -33,6 +32,8 @@ from fastmqa.bench import attention_flops  # noqa: E402
 from fastmqa.build import build_all  # noqa: E402
 from fastmqa.check import compare  # noqa: E402
 from fastmqa.reference import attention_ref  # noqa: E402
+
+from _devcommon import event_median_ms, lse_check  # noqa: E402
 
 SHAPES = [  # (B, H, Sq, Skv)
     (1, 1, 1, 1), (2, 4, 17, 17), (1, 32, 64, 64), (2, 4, 129, 129), (1, 1, 257, 257), (2, 32, 1000, 1000),
@@ -67,10 +68,7 @@ def check_grid(name, dtypes, shapes, variants=(0,), variant_dtypes=None):
                             launch()
                             torch.cuda.synchronize()
                             r = compare(o, q, k, v, causal=causal, ref=ref.cpu())
-                            dead = torch.isinf(lse_ref)
-                            lse_ok = bool(torch.equal(torch.isinf(lse) & (lse < 0), dead))
-                            lse_err = float((lse.double() - lse_ref)[~dead].abs().max()) if (~dead).any() else 0.0
-                            lse_ok = lse_ok and lse_err < (1e-4 if dtype == torch.float32 else 2e-2)
+                            lse_ok, lse_err = lse_check(lse, lse_ref, 1e-4 if dtype == torch.float32 else 2e-2)
                             ok = r.ok and lse_ok
                             msg = f"{r}; lse err {lse_err:.2e}{'' if lse_ok else ' LSE FAIL'}"
                             if not r.ok and not r.nan:
@@ -104,14 +102,7 @@ def timer(fn, reps=20, warm_ms=40.0):
         torch.cuda.synchronize()
         n_warm += 1
     one = (time.perf_counter() - t0) / n_warm
-    n = max(5, min(reps, int(1.0 / max(one, 1e-6))))
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-    for s, e in ev:
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in ev)
+    return event_median_ms(fn, max(5, min(reps, int(1.0 / max(one, 1e-6)))))
 
 
 def torch_fns():

@@ -18,7 +18,6 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ from fastmqa.bench import attention_flops  # noqa: E402
 from fastmqa.build import build_all  # noqa: E402
 from fastmqa.check import compare  # noqa: E402
 from fastmqa.reference import attention_ref  # noqa: E402
+
+from _devcommon import event_median_ms, lse_check  # noqa: E402
 
 NAMES = ["01_naive", "02_smem_tiled", "03_warp_shuffle", "04_cublas"]
 SEQS = [1, 17, 64, 129, 512]
@@ -54,7 +55,6 @@ def check_grid(names):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch_out = attention_ref(q, k, v, causal=causal)
         torch.backends.cuda.matmul.allow_tf32 = prev
-        dead = torch.isinf(lse_ref)
         for n in names:
             kern = kernels.get(n)
             st = stats[n]
@@ -71,8 +71,7 @@ def check_grid(names):
                 if r.tol > 0:
                     st["worst"] = max(st["worst"], r.max_err / r.tol)
                 if kern.returns_lse:
-                    lse_err = float((lse.double() - lse_ref)[~dead].abs().max()) if (~dead).any() else 0.0
-                    lse_ok = bool(torch.equal(torch.isinf(lse) & (lse < 0), dead)) and lse_err < 1e-4
+                    lse_ok, lse_err = lse_check(lse, lse_ref, 1e-4)
                     ok = ok and lse_ok
                     msg += f"; lse err {lse_err:.1e}" + ("" if lse_ok else " LSE FAIL")
                 if not r.ok and not r.nan:
@@ -95,13 +94,7 @@ def timer(fn, reps=20, warmup=3):
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for s, e in ev:
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in ev)
+    return event_median_ms(fn, reps)
 
 
 def time_seed(names, causal=False, B=4, H=32, S=512, D=128):

@@ -1,0 +1,29 @@
+"""What the GPU dev scripts (dev_fp32.py, dev_flash.py) share: CUDA-event timing and the lse check.
+
+A sibling module: `python scripts/dev_X.py` puts scripts/ first on sys.path.
+"""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+
+def event_median_ms(fn, n):
+    """Median CUDA-event time of fn() in ms over n back-to-back runs (the caller warms up first;
+    no L2 flush between runs: fastmqa.bench.Timer is the benchmark's timer, with one)."""
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for s, e in ev:
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in ev)
+
+
+def lse_check(lse, lse_ref, tol):
+    """(ok, max error) of a kernel's (B, H, Sq) lse against the float64 one: -inf exactly on the
+    rows that see no key, within tol elsewhere."""
+    dead = torch.isinf(lse_ref)
+    err = float((lse.double() - lse_ref)[~dead].abs().max()) if (~dead).any() else 0.0
+    return bool(torch.equal(torch.isinf(lse) & (lse < 0), dead)) and err < tol, err
