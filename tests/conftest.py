@@ -2,7 +2,8 @@
 
 `random_qkv(B, H, Sq, Skv, D, seed)` gives seeded q (B, H, Sq, D) and k, v (B, 1, Skv, D);
 `check_vs_fp64(out, lse, q, k, v, ...)` checks a prototype's output and log-sum-exp against
-float64. Nothing here imports numba, so each test module still calls `sim.setup` first.
+float64; `prototype_vs_fp64(fn, (B, H, Sq, Skv, D), causal)` does both for a prefill prototype.
+Nothing here imports numba, so each test module still calls `sim.setup` first.
 """
 import pytest
 import torch
@@ -30,6 +31,13 @@ def _check_vs_fp64(out, lse, q, k, v, causal=False, seqlens=None, what="prototyp
         assert out[masked].abs().max() == 0, f"{what}: rows that see no key must be zeros"
 
 
+def _prototype_vs_fp64(fn, shape, causal):
+    B, H, Sq, Skv, D = shape
+    q, k, v = _random_qkv(B, H, Sq, Skv, D, seed=B * 1000 + Sq * 10 + Skv)
+    out, lse = fn(q, k, v, causal=causal, return_lse=True)
+    _check_vs_fp64(out, lse, q, k, v, causal=causal, what=fn.__name__)
+
+
 @pytest.fixture
 def random_qkv():
     return _random_qkv
@@ -38,3 +46,8 @@ def random_qkv():
 @pytest.fixture
 def check_vs_fp64():
     return _check_vs_fp64
+
+
+@pytest.fixture
+def prototype_vs_fp64():
+    return _prototype_vs_fp64

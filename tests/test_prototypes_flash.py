@@ -23,11 +23,8 @@ SHAPES = [(1, 1, 1, 1, 8), (1, 3, 5, 37, 16), (2, 2, 17, 9, 8), (1, 2, 17, 33, 8
 @pytest.mark.parametrize("fn", [flash.mqa_flash, flash.mqa_flash_tiled], ids=["flash", "tiled"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}Sq{}Skv{}D{}".format(*s))
-def test_prototype_vs_fp64(fn, causal, shape, random_qkv, check_vs_fp64):
-    B, H, Sq, Skv, D = shape
-    q, k, v = random_qkv(B, H, Sq, Skv, D, seed=B * 1000 + Sq * 10 + Skv)
-    out, lse = fn(q, k, v, causal=causal, return_lse=True)
-    check_vs_fp64(out, lse, q, k, v, causal=causal, what=fn.__name__)
+def test_prototype_vs_fp64(fn, causal, shape, prototype_vs_fp64):
+    prototype_vs_fp64(fn, shape, causal)
 
 
 @pytest.mark.parametrize("tile", [1, 3, 8, 50])

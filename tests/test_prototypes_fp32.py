@@ -26,11 +26,8 @@ FNS = [smem_tiled.mqa_smem_tiled, warp_shuffle.mqa_warp_shuffle, cublas.mqa_cubl
 @pytest.mark.parametrize("fn", FNS, ids=["smem_tiled", "warp_shuffle", "cublas"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}Sq{}Skv{}D{}".format(*s))
-def test_prototype_vs_fp64(fn, causal, shape, random_qkv, check_vs_fp64):
-    B, H, Sq, Skv, D = shape
-    q, k, v = random_qkv(B, H, Sq, Skv, D, seed=B * 1000 + Sq * 10 + Skv)
-    out, lse = fn(q, k, v, causal=causal, return_lse=True)
-    check_vs_fp64(out, lse, q, k, v, causal=causal, what=fn.__name__)
+def test_prototype_vs_fp64(fn, causal, shape, prototype_vs_fp64):
+    prototype_vs_fp64(fn, shape, causal)
 
 
 def test_prototypes_take_a_scale_and_3d_kv():
