@@ -36,6 +36,8 @@ cuda = sim.cuda()
 BM = 16      # query rows (i, h) per block
 BN = 16      # keys per K/V tile
 DMAX = 128   # largest head dim (shared and local arrays need a constant size)
+COLS = DMAX // BN   # output columns per thread in the tile prototype: a module constant, since
+                    # numba on a real GPU needs a literal size for cuda.local.array
 
 
 def online_softmax_stats(s, tile):
@@ -191,7 +193,7 @@ def mqa_flash_tiled_kernel(q, k, v, o, lse, scale, causal):
     Vs = cuda.shared.array((BN, DMAX), float32)
     Ps = cuda.shared.array((BM, BN), float32)
     alpha_s = cuda.shared.array(BM, float32)
-    acc = cuda.local.array(DMAX // BN, float32)
+    acc = cuda.local.array(COLS, float32)
     B, H, Sq, D = q.shape
     Skv = k.shape[1]
     c, r = cuda.threadIdx.x, cuda.threadIdx.y
@@ -206,7 +208,7 @@ def mqa_flash_tiled_kernel(q, k, v, o, lse, scale, causal):
     n_end = min(Skv, max(0, i_last + off + 1)) if causal else Skv
     for d in range(c, D, BN):                  # the Q tile, loaded once
         Qs[r, d] = q[b, h, i, d] if valid else 0.0
-    for u in range(DMAX // BN):
+    for u in range(COLS):
         acc[u] = 0.0
     m = -math.inf                              # every thread of row r keeps the same m and l
     l = 0.0
@@ -246,7 +248,7 @@ def mqa_flash_tiled_kernel(q, k, v, o, lse, scale, causal):
         l = l * alpha_s[r] + row_sum
         m = m_new
         # O = diag(alpha) O + P V on this thread's columns (the second mma.sync).
-        for u in range(DMAX // BN):
+        for u in range(COLS):
             d = c + u * BN
             if d < D:
                 a = acc[u] * alpha
@@ -256,7 +258,7 @@ def mqa_flash_tiled_kernel(q, k, v, o, lse, scale, causal):
         cuda.syncthreads()
     if valid:
         inv = 1.0 / l if l != 0.0 else 0.0
-        for u in range(DMAX // BN):
+        for u in range(COLS):
             d = c + u * BN
             if d < D:
                 o[b, h, i, d] = acc[u] * inv
