@@ -34,7 +34,7 @@ def gpu() -> bool:
 
 
 def no_gpu(what: str):
-    print(f"no GPU here: skipping {what}. The book shows this cell's output from the H100 run.")
+    print(f"no GPU here: skipping {what}; run this notebook on a GPU to see it.")
 
 
 def machine() -> dict:

@@ -42,10 +42,10 @@ def progression_table(data, previous=None):
 
 def print_table(table, cols, fmt=None):
     fmt = fmt or {}
-    widths = {c: max(len(c), *(len(_f(t[c], fmt.get(c))) for t in table)) for c in cols}
+    widths = {c: max(len(c), *(len(_f(t.get(c), fmt.get(c))) for t in table)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for t in table:
-        print("  ".join(_f(t[c], fmt.get(c)).ljust(widths[c]) for c in cols))
+        print("  ".join(_f(t.get(c), fmt.get(c)).ljust(widths[c]) for c in cols))
 
 
 def _f(v, f=None):
