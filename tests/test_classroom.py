@@ -249,3 +249,25 @@ def test_registry_is_consistent():
     assert len(labels) == len(set(labels))
     for e in registry.EXERCISES:
         assert e.name.isidentifier() and e.points > 0 and callable(e.check)
+
+
+def test_committed_student_notebooks_contain_no_solutions():
+    """Grep the committed student edition for any trace of a solution."""
+    import re as _re
+    src_dir, stu_dir = ROOT / "notebooks", ROOT / "students"
+    assert sorted(p.name for p in stu_dir.glob("*.ipynb")) == sorted(p.name for p in src_dir.glob("*.ipynb"))
+    for stu in stu_dir.glob("*.ipynb"):
+        text = stu.read_text()
+        for marker in ("BEGIN SOLUTION", "END SOLUTION", "{solution", "solution-start", "solution-end"):
+            assert marker not in text, f"{stu.name} contains {marker!r}"
+        # every substantial line inside a solution region of the source is absent from the student file
+        src = nbformat.read(src_dir / stu.name, as_version=4)
+        stu_src = "\n".join(c.source for c in nbformat.read(stu, as_version=4).cells)
+        pattern = r"### BEGIN SOLUTION\n(.*?)### END SOLUTION"
+        outside = "\n".join(_re.sub(pattern, "", c.source, flags=_re.S) for c in src.cells)
+        for cell in src.cells:
+            for region in _re.findall(pattern, cell.source, _re.S):
+                for line in region.splitlines():
+                    # lines that also stand outside every solution region (stubs, shared code) may stay
+                    if len(line.strip()) > 25 and line.strip() not in outside:
+                        assert line.strip() not in stu_src, f"{stu.name} leaks solution line {line.strip()!r}"
