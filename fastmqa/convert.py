@@ -289,3 +289,63 @@ def uptrain(student, teacher, tok, train=TRAIN, held_out=HELD_OUT, steps=30, lr=
     for p in student.parameters():
         p.requires_grad_(False)
     return hist
+
+
+# -- a small character-level decoder: MHA vs MQA vs MLA caches -----------------------------
+# The opening of Charles Dickens, "A Tale of Two Cities" (1859), public domain.
+TEXT = (
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
+    "age of foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the "
+    "season of Light, it was the season of Darkness, it was the spring of hope, it was the winter "
+    "of despair, we had everything before us, we had nothing before us, we were all going direct "
+    "to Heaven, we were all going direct the other way - in short, the period was so far like the "
+    "present period, that some of its noisiest authorities insisted on its being received, for good "
+    "or for evil, in the superlative degree of comparison only. There were a king with a large jaw "
+    "and a queen with a plain face, on the throne of England; there were a king with a large jaw and "
+    "a queen with a fair face, on the throne of France. In both countries it was clearer than "
+    "crystal to the lords of the State preserves of loaves and fishes, that things in general were "
+    "settled for ever. "
+)
+
+
+def train_char_lm(kind, text=TEXT, steps=200, hidden_dim=64, num_heads=4, num_layers=2, seq_len=64,
+                  batch=16, lr=3e-3, seed=0, device="cpu"):
+    """Train fastmqa.generate.DecoderLM (attention "mha", "mqa" or "mla") on the bytes of `text`
+    (next-byte prediction, vocab 256). Returns (model, losses per step, seconds)."""
+    from .generate import DecoderLM
+    torch.manual_seed(seed)
+    data = torch.tensor(list(text.encode()), dtype=torch.long, device=device)
+    model = DecoderLM(vocab_size=256, hidden_dim=hidden_dim, num_heads=num_heads, num_layers=num_layers,
+                      attention=kind, max_seq_len=max(256, seq_len)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        start = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=g).to(device)
+        idx = start[:, None] + torch.arange(seq_len + 1, device=device)
+        x, y = data[idx[:, :-1]], data[idx[:, 1:]]
+        loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model.eval(), losses, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def generate_text(model, prompt="It was the ", max_new_tokens=80):
+    """Greedy generation with the model's KV cache: (text, tokens per second, cache bytes per token)."""
+    dev = next(model.parameters()).device
+    p = torch.tensor([list(prompt.encode())], dtype=torch.long, device=dev)
+    model.generate(p, 4)                                  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = model.generate(p, max_new_tokens)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    cache = model.new_cache(1, 128)
+    text = prompt + bytes(out[0].tolist()).decode(errors="replace")
+    return text, max_new_tokens / dt, cache.nbytes() / 128
