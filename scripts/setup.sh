@@ -23,10 +23,11 @@ else
     python3 -m venv .venv
   fi
   stamp=.venv/.requirements.sha
-  want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+  want=$(cat requirements.txt requirements-nodeps.txt pyproject.toml | sha256sum | cut -d' ' -f1)
   if [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
     echo "[setup] installing requirements.txt into .venv (CPU torch wheel)"
     .venv/bin/python -m pip install -q -r requirements.txt 2> >(grep -v "WARNING: Location" >&2)
+    .venv/bin/python -m pip install -q --no-deps -r requirements-nodeps.txt 2> >(grep -v "WARNING: Location" >&2)
     .venv/bin/python -m pip install -q --no-deps -e . 2> >(grep -v "WARNING: Location" >&2)
     echo "$want" > $stamp
   fi
