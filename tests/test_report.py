@@ -12,28 +12,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SUITES = [s for s in bench.SUITES if (ROOT / "results" / f"{s}.json").exists()]
 
 
-def _strings(obj):
-    if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, dict):
+def _leaves(obj, kind):
+    """Every leaf value of a JSON object that is of `kind` (bools are not numbers here)."""
+    if isinstance(obj, dict):
         for v in obj.values():
-            yield from _strings(v)
+            yield from _leaves(v, kind)
     elif isinstance(obj, list):
         for v in obj:
-            yield from _strings(v)
-
-
-def _numbers(obj):
-    if isinstance(obj, bool):
-        return
-    if isinstance(obj, (int, float)):
+            yield from _leaves(v, kind)
+    elif isinstance(obj, kind) and not isinstance(obj, bool):
         yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _numbers(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _numbers(v)
 
 
 @pytest.mark.parametrize("suite", SUITES)
@@ -72,13 +60,13 @@ def test_every_number_in_the_chapter_is_in_the_json():
     allowed, ratios = set(), set()
     for suite in SUITES:
         data = json.loads((ROOT / "results" / f"{suite}.json").read_text())
-        vals = list(_numbers(data))
+        vals = list(_leaves(data, (int, float)))
         allowed |= {str(v) for v in vals} | {report.ms(v) for v in vals}
         times = sorted({r["ms"] for r in data["rows"]} | set(data.get("other_gpu", {}).get("ms", {}).values()))
         ratios |= {f"{a / b:.2f}" for a, b in itertools.permutations(times, 2)} | {"1.00"}
     words = set()
     for suite in SUITES:
-        words |= set(_strings(json.loads((ROOT / "results" / f"{suite}.json").read_text())))
+        words |= set(_leaves(json.loads((ROOT / "results" / f"{suite}.json").read_text()), str))
     checked = 0
     lines = text.splitlines()
     for n, line in enumerate(lines):
