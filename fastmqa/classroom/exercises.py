@@ -226,6 +226,45 @@ def _check_mla_decode(fn, ctx, shapes=((2, 3, 9, 8, 4, (9, 4)), (1, 4, 6, 16, 0,
 
 # -- the registry -------------------------------------------------------------------------
 
+
+
+# -- chapters 01 (expand K/V) and 11 (mean-pool K/V heads): exact-function checks -----------
+
+def _check_expand_kv(fn, ctx, shapes=((1, 4, 5, 8), (2, 3, 7, 16), (2, 8, 1, 8))):
+    results = []
+    for (B, H, S, D) in shapes:
+        name = f"B={B} H={H} S={S} D={D}"
+
+        def case(B=B, H=H, S=S, D=D, name=name):
+            g = torch.Generator().manual_seed(B * 100 + H * 10 + S)
+            k = torch.randn(B, 1, S, D, generator=g)
+            out = fn(k, H)
+            bad = _tensor_or_error(name, out, (B, H, S, D))
+            if bad:
+                return bad
+            want = k.expand(B, H, S, D)
+            if torch.equal(out.cpu(), want):
+                return CaseResult(name, True, "equal to k.expand(B, H, S, D)")
+            where = tuple(int(i) for i in torch.nonzero(out.cpu() != want)[0])
+            return CaseResult(name, False, f"differs from k.expand at (b, h, s, d) = {where}")
+        results.append(_run_case(name, case))
+    return results
+
+
+def _check_meanpool(fn, ctx, shapes=((4, 8, 16), (12, 32, 384), (1, 5, 7))):
+    results = []
+    for (H, d, hidden) in shapes:
+        name = f"H={H} head_dim={d} hidden={hidden}"
+
+        def case(H=H, d=d, hidden=hidden, name=name):
+            g = torch.Generator().manual_seed(H * d + hidden)
+            w = torch.randn(H * d, hidden, generator=g)
+            out = fn(w, H)
+            ref64 = w.double().view(H, d, hidden).mean(0)
+            return _rule_case(name, out, ref64, w.view(H, d, hidden).mean(0), "(row, col)")
+        results.append(_run_case(name, case))
+    return results
+
 @dataclass(frozen=True)
 class Exercise:
     label: str                 # the {exercise}'s :label: and the cell's '# EXERCISE <label>'
@@ -249,6 +288,12 @@ EXERCISES: list[Exercise] = [
              name="softmax_rows", check=SoftmaxCheck(),
              hint="one thread per row: max, then sum of exp(x - max), then divide"),
     # --- chapters ----------------------------------------------------------------------------
+    Exercise("ex-00-softmax", "00_setup", "A numba kernel for row-wise softmax",
+             name="softmax_rows", check=SoftmaxCheck(),
+             hint="one thread per row: the row max first, then the sum of exp(x - max), then divide"),
+    Exercise("ex-01-expand", "01_mqa", "Expand MQA's K/V to H heads, as SDPA's expanded path must",
+             name="expand_kv", check=FunctionCheck(_check_expand_kv),
+             hint="one thread per output element (b, h, s, d) reads k[b, 0, s, d]: the same value for every h"),
     Exercise("ex-02-per-element", "02_naive", "One thread per output element (b, h, i, d)",
              name="mqa_per_element", check=AttentionCheck(causal=(False, True)),
              hint="thread t owns d = t % D of row t // D; recompute the row's max and sum, accumulate p * v[b, j, d]"),
@@ -271,6 +316,9 @@ EXERCISES: list[Exercise] = [
              name="mqa_flash_db", check=AttentionCheck(causal=(False, True)),
              hint="tile t lives in buffer t % 2; after the barrier at the top of tile t, copy tile t + 1 "
                   "(keys (t + 1) * BN + r, zeros past Skv) into buffer 1 - t % 2"),
+    Exercise("ex-08-splitkv", "08_decode", "Split-KV in two kernels: partials, then combine",
+             name="mqa_splitkv", check=AttentionCheck(causal=(False, True)), hint=_CAUSAL_HINT
+             + "; a split that sees no key has m = -inf and l = 0 and must add nothing when combined"),
     Exercise("ex-09-dv", "09_layer", "The dV kernel of the MQA backward",
              name="mqa_dv", check=FunctionCheck(_check_mqa_dv),
              hint="thread (b, j, d) sums exp(scale * q_i . k_j - lse_i) * dout[b, h, i, d] over every head h "
@@ -279,6 +327,9 @@ EXERCISES: list[Exercise] = [
              name="mla_decode", check=FunctionCheck(_check_mla_decode),
              hint="one thread per (b, h): keys are the whole cache row (r + rope numbers), values its first r; "
                   "only the first cache_seqlens[b] rows count, and a sequence of length 0 gives zeros"),
+    Exercise("ex-11-meanpool", "11_real_model", "Mean-pool the K/V heads in a kernel",
+             name="meanpool_heads", check=FunctionCheck(_check_meanpool),
+             hint="one thread per output element (row r of the pooled head, column c): average w[h * d + r, c] over h"),
 ]
 
 
