@@ -158,8 +158,9 @@ def attention_flops(B, H, Sq, Skv, D, causal) -> float:
 
 
 # -- PyTorch's paths -----------------------------------------------------------------
-def torch_paths(kind: str, small: bool):
-    """{impl: fn(q, k, v, causal)} for PyTorch's attention paths; k, v are (B, 1, Skv, D)."""
+def torch_paths(small: bool):
+    """{impl: fn(q, k, v, causal)} for PyTorch's attention paths; k, v are (B, 1, Skv, D).
+    small: also the paths that materialise the (Sq, Skv) scores (math, matmul+softmax)."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -276,7 +277,7 @@ def suite_prefill(suite, timer, quick=False, skip_ms=1000.0):
         prev = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here
         small = B * H * S * S * 4 <= 2**31
-        for impl, fn in torch_paths("prefill", small).items():
+        for impl, fn in torch_paths(small).items():
             why = _first_working(fn, q, k, v, causal)
             if why:
                 skipped.append(dict(impl=impl, S=S, D=D, causal=causal, why=why))
@@ -325,7 +326,7 @@ def suite_decode(timer, quick=False):
                     ms = timer(kern.prepare(q, k, v, cache_seqlens=lens, num_splits=ns)[0])
                     rows.append(_row(kern.name, "decode", dtype, B, H, 1, S, D, False, ms,
                                      gbps=round(kv_bytes / ms / 1e6, 1), num_splits=ns, sweep=True, **extra))
-        for impl, fn in torch_paths("decode", small=False).items():
+        for impl, fn in torch_paths(small=False).items():
             why = _first_working(fn, q, k, v, False)
             if why:
                 skipped.append(dict(impl=impl, B=B, S=S, why=why))

@@ -178,7 +178,7 @@ def time_grid(kerns, log, timer):
             if kern.supports(DTYPE, D, False, 1) is None:
                 row[name] = timer(kern.prepare(q, k, v, cache_seqlens=lens)[0])
         sdpa = {}
-        for impl, fn in bench.torch_paths("decode", small=False).items():
+        for impl, fn in bench.torch_paths(small=False).items():
             if bench._first_working(fn, q, k, v, False) is None:
                 sdpa[impl] = timer(lambda: fn(q, k, v, False))
         row["sdpa"] = sdpa
