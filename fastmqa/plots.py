@@ -1,13 +1,10 @@
 """Plots and tables the book draws, from results/*.json and the memory model only."""
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
 
-matplotlib.use("Agg") if matplotlib.get_backend().lower() == "agg" else None
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from . import bench, memory  # noqa: E402
+from . import bench, memory
 
 
 def rows(data, **where):
