@@ -8,6 +8,7 @@
 // of K twice and V once from global memory. That is why it is slow; every later chapter
 // removes one of these costs.
 #include "mqa_params.cuh"
+#include "dot.cuh"  // dot_fp32: q . k with 16 partial sums (accurate to the fp32 tolerance at any scale)
 
 template <int D>
 __global__ void mqa_naive_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
@@ -28,9 +29,7 @@ __global__ void mqa_naive_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
 
   float m = -INFINITY;
   for (int j = 0; j < j_end; ++j) {
-    float s = 0.f;
-#pragma unroll
-    for (int d = 0; d < D; ++d) s += qi[d] * kb[(size_t)j * D + d];
+    const float s = dot_fp32<D>(qi, kb + (size_t)j * D);
     m = fmaxf(m, s * scale);
   }
   float acc[D];  // indexed only by unrolled constants, so it stays in registers
@@ -38,9 +37,7 @@ __global__ void mqa_naive_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
   for (int d = 0; d < D; ++d) acc[d] = 0.f;
   float l = 0.f;
   for (int j = 0; j < j_end; ++j) {
-    float s = 0.f;
-#pragma unroll
-    for (int d = 0; d < D; ++d) s += qi[d] * kb[(size_t)j * D + d];
+    const float s = dot_fp32<D>(qi, kb + (size_t)j * D);
     float p = expf(s * scale - m);
     l += p;
 #pragma unroll

@@ -14,6 +14,7 @@
 //     coalesced reads, bracketed by __syncthreads.
 // What stays: one thread per query row and the naive two-pass softmax (max, then exp/sum/PV).
 #include "mqa_params.cuh"
+#include "dot.cuh"  // dot_fp32, as in 01
 
 namespace smem_tiled {
 
@@ -91,9 +92,7 @@ mqa_smem_tiled_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
     __syncthreads();                    // the tile is complete before anyone reads it
     const int nj = min(TJ, j_end - j0); // my row's keys in this tile (<= 0: none)
     for (int jj = 0; jj < nj; ++jj) {
-      float s = 0.f;
-#pragma unroll 16
-      for (int d = 0; d < D; ++d) s += qi[d] * sK[jj * D + d];
+      const float s = dot_fp32<D>(qi, sK + jj * D);
       m = fmaxf(m, s * scale);
     }
   }
@@ -110,9 +109,7 @@ mqa_smem_tiled_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
     __syncthreads();
     const int nj = min(TJ, j_end - j0);
     for (int jj = 0; jj < nj; ++jj) {
-      float s = 0.f;
-#pragma unroll 16
-      for (int d = 0; d < D; ++d) s += qi[d] * sK[jj * D + d];
+      const float s = dot_fp32<D>(qi, sK + jj * D);
       float p = expf(s * scale - m);
       l += p;
 #pragma unroll

@@ -2,7 +2,8 @@
 # Everything the GPU host does for a release of the course, in one device call where it fits:
 #   gpu_full.sh check   -> python -m fastmqa.gpucheck (grid, fuzz, sanitizer)
 #   gpu_full.sh bench   -> python -m fastmqa.bench all + Nsight Compute counters (results/*.json)
-#   gpu_full.sh books   -> execute every notebook in place (outputs of this GPU) + nbval
+#   gpu_full.sh books   -> the whole GPU check (as `check`) plus every notebook executed in place
+#                          (outputs of this GPU) and nbval on them: one complete results/gpucheck.json
 #   gpu_full.sh gputests -> pytest -m gpu tests/
 # Steps can be combined: gpu_full.sh check bench books. Outputs come back as $OUT/run.tar.gz.
 set -uo pipefail
@@ -27,7 +28,7 @@ for step in "$@"; do
              2>&1 | tail -40 | tee "$OUT/profile.log" || rc=1 ;;
     gputests) timeout ${GPUTEST_TIMEOUT:-240} python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -40 \
              | tee "$OUT/pytest_gpu.log" || rc=1 ;;
-    books) python3 -m fastmqa.gpucheck --no-sanitizer --notebooks --nbval --kernels ${NB_KERNELS:-01_naive} --quick 2>&1 \
+    books) timeout ${BOOKS_TIMEOUT:-540} python3 -m fastmqa.gpucheck --fuzz ${FUZZ:-25} --notebooks --nbval 2>&1 \
              | tee "$OUT/notebooks.log" || rc=1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
