@@ -10,24 +10,45 @@
 // are unrolled two at a time so the loads of all D terms are not hoisted at once.
 // Everything sits in an anonymous namespace, like the rest of a kernel file.
 #pragma once
+#ifndef FASTMQA_DOT_MODE
+#define FASTMQA_DOT_MODE 0
+#endif
+#ifndef FASTMQA_DOT_P
+#define FASTMQA_DOT_P 16
+#endif
 
 namespace {
 
 template <int D>
 __device__ __forceinline__ float dot_fp32(const float* __restrict__ a, const float* __restrict__ b) {
-  constexpr int P = 16;
-  static_assert(D % P == 0, "head dim must be a multiple of 16");
+  constexpr int P = FASTMQA_DOT_P;
+  static_assert(D % P == 0 && (P == 4 || P == 8 || P == 16), "P partial sums: 4, 8 or 16, dividing D");
   float s[P];
 #pragma unroll
   for (int p = 0; p < P; ++p) s[p] = 0.f;
-#pragma unroll 2  // a few chunks in flight, not all D loads at once (the kernels keep acc[D] in registers)
+#if FASTMQA_DOT_MODE == 1  // dev variant: chunks of P, two at a time (scripts/dev_fp32dot.py compares)
+#pragma unroll 2
   for (int d0 = 0; d0 < D; d0 += P)
 #pragma unroll
     for (int p = 0; p < P; ++p) s[p] = fmaf(a[d0 + p], b[d0 + p], s[p]);
+#elif FASTMQA_DOT_MODE == 2  // dev variant: the plain serial chain (what 01/02 did before)
+  float x = 0.f;
 #pragma unroll
-  for (int p = 0; p < 8; ++p) s[p] += s[p + 8];  // pairwise: 16 -> 8 -> 4 -> 2 -> 1
+  for (int d = 0; d < D; ++d) x = fmaf(a[d], b[d], x);
+  return x;
+#else
 #pragma unroll
-  for (int p = 0; p < 4; ++p) s[p] += s[p + 4];
+  for (int d = 0; d < D; ++d) s[d % P] = fmaf(a[d], b[d], s[d % P]);
+#endif
+  // pairwise: P -> P/2 -> ... -> 1 (written out: a `w /= 2` loop is not unrolled, and s[] would go to local memory)
+  if (P >= 16) {
+#pragma unroll
+    for (int p = 0; p < 8; ++p) s[p] += s[p + 8];
+  }
+  if (P >= 8) {
+#pragma unroll
+    for (int p = 0; p < 4; ++p) s[p] += s[p + 4];
+  }
   return ((s[0] + s[2]) + (s[1] + s[3]));
 }
 

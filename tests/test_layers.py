@@ -16,6 +16,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def within_rule(out, torch_out, ref, dtype, what):
     """The project's rule (fastmqa.check) applied to a layer: our error vs the fp64 layer is at
     most MULTIPLE x the error of PyTorch's own computation in the same dtype, + floor."""
+    ref = ref.double().cpu()  # the fp64 layer may have run on the GPU
     err = float((out.double().cpu() - ref).abs().max())
     terr = float((torch_out.double().cpu() - ref).abs().max())
     tol = check.MULTIPLE * terr + check.ATOL[dtype] * max(1.0, float(ref.abs().max()))
