@@ -27,11 +27,12 @@ __global__ void mqa_naive_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
   // Bottom-right aligned causal mask: query i sees keys j <= i + (Skv - Sq).
   int j_end = causal ? min(Skv, max(0, i + (Skv - Sq) + 1)) : Skv;
 
-  float m = -INFINITY;
-  for (int j = 0; j < j_end; ++j) {
-    const float s = dot_fp32<D>(qi, kb + (size_t)j * D);
-    m = fmaxf(m, s * scale);
-  }
+  float m = -INFINITY;  // the row's largest raw score q_i . k_j
+  for (int j = 0; j < j_end; ++j) m = fmaxf(m, dot_fp32<D>(qi, kb + (size_t)j * D));
+  // The max in scaled units, rounded UP: nvcc fuses s * scale - m below into one FMA (exact
+  // product), so with a round-to-nearest m the row's own max could give exp(+residual), and at
+  // huge scores (inputs ~1e6) exp(+65536) = inf. Rounded up, every exponent is <= 0.
+  m = __fmul_ru(m, scale);
   float acc[D];  // indexed only by unrolled constants, so it stays in registers
 #pragma unroll
   for (int d = 0; d < D; ++d) acc[d] = 0.f;

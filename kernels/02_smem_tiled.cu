@@ -84,7 +84,7 @@ mqa_smem_tiled_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
   }
   const float* qi = sQ + t * LDQ;
 
-  // Pass 1: the row maximum m of s_ij = scale * q_i . k_j.
+  // Pass 1: the row maximum m of s_ij = scale * q_i . k_j (the max of q_i . k_j, then scaled).
   float m = -INFINITY;
   for (int j0 = 0; j0 < jmax; j0 += TJ) {
     __syncthreads();                    // everyone is done with the previous tile (and sQ is full)
@@ -92,10 +92,10 @@ mqa_smem_tiled_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
     __syncthreads();                    // the tile is complete before anyone reads it
     const int nj = min(TJ, j_end - j0); // my row's keys in this tile (<= 0: none)
     for (int jj = 0; jj < nj; ++jj) {
-      const float s = dot_fp32<D>(qi, sK + jj * D);
-      m = fmaxf(m, s * scale);
+      m = fmaxf(m, dot_fp32<D>(qi, sK + jj * D));  // raw scores
     }
   }
+  m = __fmul_ru(m, scale);  // scaled, rounded up: every exponent below is <= 0 (see 01_naive.cu)
 
   // Pass 2: o_i = sum_j exp(s_ij - m) v_j / sum_j exp(s_ij - m).
   float acc[D];  // indexed only by unrolled constants, so it stays in registers

@@ -168,11 +168,11 @@ mqa_warp_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
       const int j = j0 + c0 + lane / SPREAD;
 #pragma unroll
       for (int r = 0; r < R; ++r)
-        if (j < j_end[r]) m[r] = fmaxf(m[r], s[r] * scale);
+        if (j < j_end[r]) m[r] = fmaxf(m[r], s[r]);  // raw scores
     }
   }
 #pragma unroll
-  for (int r = 0; r < R; ++r) m[r] = warp_max(m[r]);
+  for (int r = 0; r < R; ++r) m[r] = __fmul_ru(warp_max(m[r]), scale);  // scaled, rounded up: exponents <= 0 (see 01)
 
   // Pass 2: p = exp(s - m) where the key's score lives, then broadcast p to all lanes for PV.
   for (int j0 = 0; j0 < jmax; j0 += TJ) {

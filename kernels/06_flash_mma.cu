@@ -291,7 +291,9 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D)
         for (int n = 0; n < C::NS; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * hf], s[mt][n][2 * hf + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share the row
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;  // no key yet: p = 0
+        // Rounded up: fmaf(s, scale_log2, -m_scaled) <= 0 for every s <= mx, so p <= 1 even at huge
+        // scores (round-to-nearest leaves exp2(+residual), inf for inputs ~1e6; see 01_naive.cu).
+        const float m_scaled = mx == -INFINITY ? 0.f : __fmul_ru(mx, scale_log2);  // no key yet: p = 0
         const float a = m_run[mt][hf] * scale_log2 - m_scaled;
         alpha[mt][hf] = FAST ? ex2(a) : exp2f(a);
         m_run[mt][hf] = mx;
