@@ -29,17 +29,19 @@ __global__ void mqa_naive_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
 
   float m = -INFINITY;  // the row's largest raw score q_i . k_j
   for (int j = 0; j < j_end; ++j) m = fmaxf(m, dot_fp32<D>(qi, kb + (size_t)j * D));
-  // The max in scaled units, rounded UP: nvcc fuses s * scale - m below into one FMA (exact
-  // product), so with a round-to-nearest m the row's own max could give exp(+residual), and at
-  // huge scores (inputs ~1e6) exp(+65536) = inf. Rounded up, every exponent is <= 0.
-  m = __fmul_ru(m, scale);
+  // The exponent is round(s * scale) - m with m = round(max * scale): __fmul_rn keeps nvcc from
+  // fusing it into one FMA (exact product, one rounding). Fused, the row's own max gives
+  // exp(residual of m's rounding) instead of exp(0): harmless at ordinary scores, but at
+  // inputs ~1e6 (scores ~1e13) the residual is ~1e5 and p is inf or 0. Unfused, p <= 1 and the
+  // max gets exactly 1 at any magnitude.
+  m = __fmul_rn(m, scale);
   float acc[D];  // indexed only by unrolled constants, so it stays in registers
 #pragma unroll
   for (int d = 0; d < D; ++d) acc[d] = 0.f;
   float l = 0.f;
   for (int j = 0; j < j_end; ++j) {
     const float s = dot_fp32<D>(qi, kb + (size_t)j * D);
-    float p = expf(s * scale - m);
+    float p = expf(__fmul_rn(s, scale) - m);
     l += p;
 #pragma unroll
     for (int d = 0; d < D; ++d) acc[d] += p * vb[(size_t)j * D + d];

@@ -172,7 +172,7 @@ mqa_warp_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
     }
   }
 #pragma unroll
-  for (int r = 0; r < R; ++r) m[r] = __fmul_ru(warp_max(m[r]), scale);  // scaled, rounded up: exponents <= 0 (see 01)
+  for (int r = 0; r < R; ++r) m[r] = __fmul_rn(warp_max(m[r]), scale);  // exponents round(s * scale) - m, unfused (see 01)
 
   // Pass 2: p = exp(s - m) where the key's score lives, then broadcast p to all lanes for PV.
   for (int j0 = 0; j0 < jmax; j0 += TJ) {
@@ -187,7 +187,7 @@ mqa_warp_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
       const int j = j0 + c0 + lane / SPREAD;
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        p[r] = j < j_end[r] ? expf(s[r] * scale - m[r]) : 0.f;
+        p[r] = j < j_end[r] ? expf(__fmul_rn(s[r], scale) - m[r]) : 0.f;
         l[r] += p[r];  // each key is counted by SPREAD lanes; divided out below
       }
 #pragma unroll

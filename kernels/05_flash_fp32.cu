@@ -161,14 +161,14 @@ mqa_flash_fp32_kernel(const float* __restrict__ q,   // (B, H, Sq, D)
 #pragma unroll
       for (int w = 8; w >= 1; w >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, w));
       const float m_new = fmaxf(m[r], mt);
-      // Rounded up (__fmul_ru): fmaf(s, scale_log2, -m_use) <= 0 for every s <= m_new, so p <= 1 even at
-      // huge scores, where a round-to-nearest m_use leaves exp2(+residual) = inf (see 01_naive.cu).
-      const float m_use = m_new == -INFINITY ? 0.f : (EXP2 ? __fmul_ru(m_new, scale_log2) : m_new);  // no key yet: p = 0
-      const float alpha = EXP2 ? exp2f(m[r] * scale_log2 - m_use) : expf(m[r] - m_use);
+      // Exponents round(s * scale_log2) - m_use, unfused (__fmul_rn): <= 0, and exactly 0 for the max,
+      // at any magnitude; a fused fmaf leaves exp2(rounding residual), inf or 0 at scores ~1e13 (see 01).
+      const float m_use = m_new == -INFINITY ? 0.f : (EXP2 ? __fmul_rn(m_new, scale_log2) : m_new);  // no key yet: p = 0
+      const float alpha = EXP2 ? exp2f(__fmul_rn(m[r], scale_log2) - m_use) : expf(m[r] - m_use);
       float ls = 0.f;
 #pragma unroll
       for (int c = 0; c < TC; ++c) {
-        float p = EXP2 ? exp2f(fmaf(s[r][c], scale_log2, -m_use)) : expf(s[r][c] - m_use);
+        float p = EXP2 ? exp2f(__fmul_rn(s[r][c], scale_log2) - m_use) : expf(s[r][c] - m_use);
         Ps[(rg + RG * r) * L::PLD + cg + 16 * c] = p;
         ls += p;
       }

@@ -291,17 +291,18 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D)
         for (int n = 0; n < C::NS; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * hf], s[mt][n][2 * hf + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share the row
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        // Rounded up: fmaf(s, scale_log2, -m_scaled) <= 0 for every s <= mx, so p <= 1 even at huge
-        // scores (round-to-nearest leaves exp2(+residual), inf for inputs ~1e6; see 01_naive.cu).
-        const float m_scaled = mx == -INFINITY ? 0.f : __fmul_ru(mx, scale_log2);  // no key yet: p = 0
-        const float a = m_run[mt][hf] * scale_log2 - m_scaled;
+        // Exponents round(s * scale_log2) - m_scaled, unfused (__fmul_rn): <= 0, exactly 0 for the max, at
+        // any magnitude. One fused fmaf would save an instruction per score but leaves exp2(rounding
+        // residual of m_scaled): inf or 0 at inputs ~1e6 (see 01_naive.cu).
+        const float m_scaled = mx == -INFINITY ? 0.f : __fmul_rn(mx, scale_log2);  // no key yet: p = 0
+        const float a = __fmul_rn(m_run[mt][hf], scale_log2) - m_scaled;
         alpha[mt][hf] = FAST ? ex2(a) : exp2f(a);
         m_run[mt][hf] = mx;
         float ls = 0.f;
 #pragma unroll
         for (int n = 0; n < C::NS; ++n) {
-          const float a0 = fmaf(s[mt][n][2 * hf], scale_log2, -m_scaled);
-          const float a1 = fmaf(s[mt][n][2 * hf + 1], scale_log2, -m_scaled);
+          const float a0 = __fmul_rn(s[mt][n][2 * hf], scale_log2) - m_scaled;
+          const float a1 = __fmul_rn(s[mt][n][2 * hf + 1], scale_log2) - m_scaled;
           const float p0 = FAST ? ex2(a0) : exp2f(a0), p1 = FAST ? ex2(a1) : exp2f(a1);
           s[mt][n][2 * hf] = p0;
           s[mt][n][2 * hf + 1] = p1;

@@ -241,8 +241,9 @@ def _gpu_scale_cases():
     for kern in kernels.REGISTRY:
         for dtype in kern.dtypes:
             for case in SCALES:
-                if dtype == torch.float16 and case == "inputs x1e6":
-                    continue  # 1e6 is past fp16's largest value (65504): no such input exists
+                if dtype == torch.float16 and case in ("inputs x1e6", "scale 1e3"):
+                    continue  # past fp16's largest value (65504): no such input, and PyTorch's own fp16
+                    # scores overflow at scale 1e3, so the tolerance rule has no baseline
                 yield pytest.param(kern, dtype, case, id=f"{kern.name}-{str(dtype)[6:]}-{case}")
 
 
