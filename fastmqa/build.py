@@ -112,28 +112,41 @@ def cuda_flags() -> list[str]:
             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__", *arch_flags()]
 
 
-def load(name: str, source: str, uses_cublas: bool = False, verbose: bool = False):
-    """Build (or load from the cache) the extension for kernel `name` from kernels/`source`."""
+def load(name: str, source: str, uses_cublas: bool = False, verbose: bool = False, defines=(), symbol=None):
+    """Build (or load from the cache) the extension for kernel `name` from kernels/`source`.
+
+    defines: extra `-D` macros (a kernel's dev knobs); symbol: the launcher the source defines
+    (`fastmqa_<symbol>`), when `name` is a variant's name rather than the kernel's own."""
     with _lock:
         if name in _loaded:
             return _loaded[name]
     require_toolchain()
     from torch.utils.cpp_extension import load_inline
-    fn = name_to_symbol(name)
+    fn = symbol or name_to_symbol(name)
     cu = (KERNELS_DIR / source).read_text()
     cpp = _BINDING.replace("{fn}", fn).replace("{blas}", _BLAS if uses_cublas else "")
     extensions_dir()
     os.environ.setdefault("MAX_JOBS", "2")
     try:
         mod = load_inline(
-            name=f"fastmqa_{fn}", cpp_sources=[cpp], cuda_sources=[cu], functions=["run"],
-            extra_cuda_cflags=cuda_flags(), extra_cflags=["-O3"], extra_include_paths=[str(KERNELS_DIR)],
+            name=f"fastmqa_{name_to_symbol(name)}", cpp_sources=[cpp], cuda_sources=[cu], functions=["run"],
+            extra_cuda_cflags=cuda_flags() + [f"-D{d}" for d in defines], extra_cflags=["-O3"],
+            extra_include_paths=[str(KERNELS_DIR)],
             extra_ldflags=["-lcublas"] if uses_cublas else [], verbose=verbose)
     except Exception as e:  # keep the compiler's message, name the kernel
         raise BuildError(f"building kernel {name} from kernels/{source} failed: {e}") from e
     with _lock:
         _loaded[name] = mod
     return mod
+
+
+def load_variant(kernel, tag: str, defines):
+    """Registry entry `kernel` built with `-D` macros `defines`, as its own extension; returns a copy
+    of the entry named '<name>_<tag>' that runs it (dev scripts time a kernel's knobs side by side)."""
+    import dataclasses
+    name = f"{kernel.name}_{tag}"
+    load(name, kernel.source, kernel.uses_cublas, defines=defines, symbol=name_to_symbol(kernel.name))
+    return dataclasses.replace(kernel, name=name)
 
 
 def name_to_symbol(name: str) -> str:

@@ -46,27 +46,13 @@ def stamp(msg):
     print(f"[{time.time() - T0:6.1f} s] {msg}", flush=True)
 
 
-def build_variant(tag, defines):
-    """The same .cu with -D knobs, registered under its own name (dev only)."""
-    from torch.utils.cpp_extension import load_inline
-    base = registry.get("10_decode")
-    cpp = build._BINDING.replace("{fn}", "k10_decode").replace("{blas}", "")
-    mod = load_inline(name=f"fastmqa_k10_decode_{tag}", cpp_sources=[cpp],
-                      cuda_sources=[(build.KERNELS_DIR / base.source).read_text()], functions=["run"],
-                      extra_cuda_cflags=build.cuda_flags() + [f"-D{d}" for d in defines], extra_cflags=["-O3"],
-                      extra_include_paths=[str(build.KERNELS_DIR)])
-    name = f"10_decode_{tag}"
-    build._loaded[name] = mod
-    return dataclasses.replace(base, name=name)
-
-
 def build_all():
     build.extensions_dir()
     base, mla = registry.get("10_decode"), registry.get("11_decode_mla")
     with ThreadPoolExecutor(2 + len(VARIANTS)) as pool:
         fb = pool.submit(build.load, base.name, base.source)
         fm = pool.submit(build.load, mla.name, mla.source)
-        fv = {t: pool.submit(build_variant, t, d) for t, d in VARIANTS.items()}
+        fv = {t: pool.submit(build.load_variant, base, t, d) for t, d in VARIANTS.items()}
         fb.result()
         fm.result()
         kerns = {"10_decode": base, "11_decode_mla": mla}

@@ -10,7 +10,6 @@ Writes DIR/fp32dot_dev.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -28,20 +27,6 @@ from fastmqa.fuzz import fuzz_kernel  # noqa: E402
 VARIANTS = {"serial": (2, 16), "p16": (0, 16), "p8": (0, 8), "p4": (0, 4), "chunk16": (1, 16), "chunk8": (1, 8)}
 
 
-def build_variant(base_name, tag, mode, p):
-    from torch.utils.cpp_extension import load_inline
-    base = registry.get(base_name)
-    fn = build.name_to_symbol(base_name)
-    cpp = build._BINDING.replace("{fn}", fn).replace("{blas}", "")
-    mod = load_inline(name=f"fastmqa_{fn}_{tag}", cpp_sources=[cpp],
-                      cuda_sources=[(build.KERNELS_DIR / base.source).read_text()], functions=["run"],
-                      extra_cuda_cflags=build.cuda_flags() + [f"-DFASTMQA_DOT_MODE={mode}", f"-DFASTMQA_DOT_P={p}"],
-                      extra_cflags=["-O3"], extra_include_paths=[str(build.KERNELS_DIR)])
-    name = f"{base_name}_{tag}"
-    build._loaded[name] = mod
-    return dataclasses.replace(base, name=name)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -51,7 +36,9 @@ def main():
     jobs = [(b, t, m, p) for b in ("01_naive", "02_smem_tiled") for t, (m, p) in VARIANTS.items()]
     kerns = {}
     with ThreadPoolExecutor(len(jobs)) as pool:
-        futs = {(b, t): pool.submit(build_variant, b, t, m, p) for b, t, m, p in jobs}
+        futs = {(b, t): pool.submit(build.load_variant, registry.get(b), t,
+                                          [f"FASTMQA_DOT_MODE={m}", f"FASTMQA_DOT_P={p}"])
+                for b, t, m, p in jobs}
         for key, f in futs.items():
             try:
                 kerns[key] = f.result()

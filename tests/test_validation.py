@@ -601,6 +601,28 @@ def test_build_refuses_before_compiling(monkeypatch):
     raises(build.BuildError, "cannot build the CUDA kernels", build.build_all, REG)
 
 
+
+def test_load_variant_builds_the_same_launcher_with_defines(monkeypatch, tmp_path):
+    """A dev variant is kernels/<source> with -D macros, its own extension, the kernel's own launcher."""
+    import torch.utils.cpp_extension as ext
+    calls = []
+    monkeypatch.setattr(build, "require_toolchain", lambda: None)
+    monkeypatch.setattr(build, "extensions_dir", lambda: tmp_path)
+    monkeypatch.setattr(build, "arch_flags", lambda: ["-gencode=arch=compute_90a,code=sm_90a"])
+    monkeypatch.setattr(ext, "load_inline", lambda **kw: calls.append(kw) or object())
+    kern = REG[0]
+    var = build.load_variant(kern, "x", ["KNOB=3"])
+    try:
+        assert var.name == f"{kern.name}_x" and var.source == kern.source
+        (kw,) = calls
+        assert kw["name"] == f"fastmqa_{build.name_to_symbol(kern.name)}_x"
+        assert "-DKNOB=3" in kw["extra_cuda_cflags"]
+        assert f"fastmqa_{build.name_to_symbol(kern.name)}(p)" in kw["cpp_sources"][0]
+        build.load(var.name, var.source)   # the variant's entry finds its module: no second build
+        assert len(calls) == 1
+    finally:
+        build._loaded.pop(var.name, None)
+
 # -- the same checks with real CUDA tensors (GPU host) ---------------------------------
 @pytest.mark.gpu
 @needs_cuda
