@@ -31,7 +31,7 @@ from . import kernels as registry
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
-SUITES = ("fp32", "prefill", "decode", "layer")
+SUITES = ("fp32", "prefill", "decode", "layer", "backward")
 SEED_SHAPE = dict(B=4, H=32, S=512, D=128)  # the original project's fp32 shape
 L4_REFERENCE_MS = {"01_naive": 491.0, "02_smem_tiled": 220.0, "03_warp_shuffle": 45.0, "04_cublas": 10.0,
                    "torch": 1.7}  # the original project, NVIDIA L4: another GPU, for context only
@@ -340,6 +340,71 @@ def suite_decode(timer, quick=False):
     return rows, skipped
 
 
+def suite_backward(timer, quick=False):
+    """Attention backward alone (bf16, H=32, B*S = 16384, D 128 and 64, causal and not): the
+    registry's backward kernels against FastMQA's torch backward (the same algorithm) and
+    PyTorch SDPA's backward per backend (FLASH with enable_gqa; cuDNN and EFFICIENT with
+    expanded K/V, whose backward also sums dK, dV over the heads). The forward is run once,
+    outside the timed region. tflops counts 2.5x the forward's flops (5 matmuls to its 2)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from . import ops
+    rows, skipped = [], []
+    ours = [k for k in registry.REGISTRY if k.backward]
+    seqs = [512, 2048] if quick else [512, 1024, 2048, 4096, 8192, 16384]
+    pts = [(torch.bfloat16, 16384 // s, 32, s, D, c) for D in (128, 64) for c in (False, True) for s in seqs]
+    bar = _progress(len(pts), "backward")
+    backends = {"torch.sdpa_flash": (SDPBackend.FLASH_ATTENTION, False),
+                "torch.sdpa_cudnn": (SDPBackend.CUDNN_ATTENTION, True),
+                "torch.sdpa_efficient": (SDPBackend.EFFICIENT_ATTENTION, True)}
+
+    def row(impl, ms, *args):
+        r = _row(impl, "prefill", *args, ms, pass_="bwd")
+        r["tflops"] = round(2.5 * r["tflops"], 3)
+        r["pass"] = r.pop("pass_")
+        return r
+
+    for dtype, B, H, S, D, causal in pts:
+        gen = torch.Generator(device="cuda").manual_seed(S)
+        q, k, v, dout = (torch.randn(shape, device="cuda", dtype=dtype, generator=gen)
+                         for shape in ((B, H, S, D), (B, 1, S, D), (B, 1, S, D), (B, H, S, D)))
+        point = (dtype, B, H, S, S, D, causal)
+        for kern in ours:
+            if kern.supports(dtype, D, causal) is not None:
+                continue
+            o, lse = kern(q, k, v, causal=causal, return_lse=True)
+            launch = kern.prepare_backward(dout, q, k, v, o, lse, causal=causal)[0]
+            rows.append(row(kern.backward.replace(".cu", ""), timer(launch), *point))
+            if B * H * S * S * 4 <= 2**33:  # the torch backward holds blocks of fp32 scores
+                scale = 1.0 / D ** 0.5
+                fn = lambda: ops.mqa_bwd_impl(dout, q, k.view(B, S, D), v.view(B, S, D), o, lse, None, causal, scale)
+                prev, ops.BACKWARD = ops.BACKWARD, "torch"
+                try:
+                    rows.append(row("fastmqa.torch_bwd", timer(fn), *point))
+                finally:
+                    ops.BACKWARD = prev
+            del o, lse
+        for impl, (backend, expanded) in backends.items():
+            try:
+                qq = q.detach().requires_grad_()
+                kk, vv = k.detach().requires_grad_(), v.detach().requires_grad_()
+                with sdpa_kernel([backend]):
+                    ka, va = (kk.expand(-1, H, -1, -1), vv.expand(-1, H, -1, -1)) if expanded else (kk, vv)
+                    out = torch.nn.functional.scaled_dot_product_attention(qq, ka, va, is_causal=causal,
+                                                                           enable_gqa=not expanded)
+                    fn = lambda: torch.autograd.grad(out, (qq, kk, vv), dout, retain_graph=True)
+                    fn()
+                    torch.cuda.synchronize()
+                    rows.append(row(impl, timer(fn), *point))
+                del out
+            except Exception as e:  # a backend that refuses this shape
+                skipped.append(dict(impl=impl, S=S, D=D, causal=causal, why=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+        del q, k, v, dout
+        bar.update()
+    bar.close()
+    return rows, skipped
+
+
 def run_suite(suite, quick=False, results_dir=None, timer=None, ceilings=None):
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)} or 'all'")
@@ -349,6 +414,8 @@ def run_suite(suite, quick=False, results_dir=None, timer=None, ceilings=None):
         rows, skipped = suite_prefill(suite, timer, quick)
     elif suite == "decode":
         rows, skipped = suite_decode(timer, quick)
+    elif suite == "backward":
+        rows, skipped = suite_backward(timer, quick)
     else:
         from .bench_layer import suite_layer
         rows, skipped = suite_layer(timer, quick=quick)

@@ -63,6 +63,46 @@ void run(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor o, at::Tensor lse,
 }
 """
 
+# The backward kernels' binding: the forward's q, k, v, out, lse and the upstream gradients in,
+# dq, dk, dv out (preallocated by fastmqa.kernels.Kernel.prepare_backward).
+_BINDING_BWD = r"""
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include "mqa_params.cuh"
+
+int fastmqa_{fn}(const MQAParams& p);
+
+void run_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out, at::Tensor lse,
+             at::Tensor dlse, at::Tensor dq, at::Tensor dk, at::Tensor dv, at::Tensor workspace,
+             double scale, bool causal) {
+  for (const at::Tensor* t : {&dout, &q, &k, &v, &out, &dq, &dk, &dv})
+    TORCH_CHECK(t->is_cuda() && t->is_contiguous() && t->scalar_type() == q.scalar_type(),
+                "dout, q, k, v, out, dq, dk, dv must be contiguous CUDA tensors of q's dtype");
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat, "lse must be contiguous float32");
+  TORCH_CHECK(!dlse.numel() || (dlse.is_contiguous() && dlse.scalar_type() == at::kFloat),
+              "dlse must be empty or contiguous float32");
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "q must be float16 or bfloat16");
+  const c10::cuda::CUDAGuard guard(q.device());
+  MQAParams p{};
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.o = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.dout = dout.data_ptr(); p.dlse = dlse.numel() ? dlse.data_ptr<float>() : nullptr;
+  p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
+  p.workspace = workspace.numel() ? workspace.data_ptr() : nullptr;
+  p.workspace_bytes = workspace.numel();
+  p.B = q.size(0); p.H = q.size(1); p.Sq = q.size(2); p.D = q.size(3); p.Skv = k.size(1);
+  p.scale = (float)scale; p.causal = causal;
+  p.dtype = q.scalar_type() == at::kHalf ? FASTMQA_FP16 : FASTMQA_BF16;
+  p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  p.stream = at::cuda::getCurrentCUDAStream();
+  int status = fastmqa_{fn}(p);
+  TORCH_CHECK(status == 0, "kernel {fn} does not support this configuration (B=", p.B, " H=", p.H,
+              " Sq=", p.Sq, " Skv=", p.Skv, " D=", p.D, " dtype code ", p.dtype, ")");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+"""
+
 _BLAS = "p.blas_handle = (void*)at::cuda::getCurrentCUDABlasHandle();"
 
 _lock = threading.Lock()
@@ -112,11 +152,13 @@ def cuda_flags() -> list[str]:
             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__", *arch_flags()]
 
 
-def load(name: str, source: str, uses_cublas: bool = False, verbose: bool = False, defines=(), symbol=None):
+def load(name: str, source: str, uses_cublas: bool = False, verbose: bool = False, defines=(), symbol=None,
+         backward: bool = False):
     """Build (or load from the cache) the extension for kernel `name` from kernels/`source`.
 
     defines: extra `-D` macros (a kernel's dev knobs); symbol: the launcher the source defines
-    (`fastmqa_<symbol>`), when `name` is a variant's name rather than the kernel's own."""
+    (`fastmqa_<symbol>`), when `name` is a variant's name rather than the kernel's own;
+    backward: a backward kernel, bound as `run_bwd` (gradients) instead of `run`."""
     with _lock:
         if name in _loaded:
             return _loaded[name]
@@ -124,12 +166,13 @@ def load(name: str, source: str, uses_cublas: bool = False, verbose: bool = Fals
     from torch.utils.cpp_extension import load_inline
     fn = symbol or name_to_symbol(name)
     cu = (KERNELS_DIR / source).read_text()
-    cpp = _BINDING.replace("{fn}", fn).replace("{blas}", _BLAS if uses_cublas else "")
+    cpp = (_BINDING_BWD if backward else _BINDING).replace("{fn}", fn).replace("{blas}", _BLAS if uses_cublas else "")
     extensions_dir()
     os.environ.setdefault("MAX_JOBS", "2")
     try:
         mod = load_inline(
-            name=f"fastmqa_{name_to_symbol(name)}", cpp_sources=[cpp], cuda_sources=[cu], functions=["run"],
+            name=f"fastmqa_{name_to_symbol(name)}", cpp_sources=[cpp], cuda_sources=[cu],
+            functions=["run_bwd" if backward else "run"],
             extra_cuda_cflags=cuda_flags() + [f"-D{d}" for d in defines], extra_cflags=["-O3"],
             extra_include_paths=[str(KERNELS_DIR)],
             extra_ldflags=["-lcublas"] if uses_cublas else [], verbose=verbose)
@@ -154,21 +197,28 @@ def name_to_symbol(name: str) -> str:
     return "k" + name.replace("-", "_")
 
 
+def backward_name(entry) -> str:
+    """The extension name of a registry entry's backward kernel: its file's stem ('07_flash_bwd')."""
+    return Path(entry.backward).stem
+
+
 def build_all(entries, max_workers: int | None = None, verbose: bool = False) -> dict:
     """Build registry entries in parallel; returns {name: None or the exception}."""
     require_toolchain()
-    entries = [e for e in entries if e.source]
-    max_workers = max_workers or min(len(entries), max(1, (os.cpu_count() or 2) // 2)) or 1
+    jobs = [(e.name, e.source, e.uses_cublas, False) for e in entries if e.source]
+    jobs += [(backward_name(e), e.backward, False, True) for e in entries if getattr(e, "backward", None)]
+    max_workers = max_workers or min(len(jobs), max(1, (os.cpu_count() or 2) // 2)) or 1
     results = {}
 
-    def one(e):
+    def one(job):
+        name, source, uses_cublas, backward = job
         try:
-            load(e.name, e.source, e.uses_cublas, verbose)
-            return e.name, None
+            load(name, source, uses_cublas, verbose, backward=backward)
+            return name, None
         except Exception as ex:  # reported per kernel
-            return e.name, ex
+            return name, ex
 
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        for name, err in pool.map(one, entries):
+        for name, err in pool.map(one, jobs):
             results[name] = err
     return results

@@ -39,6 +39,7 @@ class Kernel:
     returns_lse: bool = False       # fills the (B, H, Sq) float32 log-sum-exp
     prototype: str | None = None    # "module:function" of its numba.cuda prototype
     suites: tuple = ()              # benchmark suites it appears in
+    backward: str | None = None     # file in kernels/ of its backward kernel (same dtypes, head dims)
     extra: dict = field(default_factory=dict)
 
     # -- calling -----------------------------------------------------------------
@@ -105,6 +106,55 @@ class Kernel:
             mod.run(q, k, v, o, lse_arg, lens, ws, scale, causal, ns)
         return launch, o, lse
 
+    def prepare_backward(self, dout, q, k, v, out, lse, dlse=None, causal=False, scale=None):
+        """The backward kernel's (launch, dq, dk, dv) for gradients of this kernel's forward:
+        q, dout, out (B, H, Sq, D); k, v (B, 1, Skv, D) or (B, Skv, D); lse (B, H, Sq) float32 from
+        the forward (return_lse=True); dlse: the gradient reaching lse, or None. dk, dv come back
+        as (B, Skv, D), in k's dtype."""
+        if self.backward is None:
+            raise ValueError(f"kernel {self.name} has no backward kernel")
+        B, H, Sq, Skv, D, _ = validate.check_qkv(q, k, v, kv_heads=1)
+        validate.check_tensor("q", q, dtypes=self.dtypes, device="cuda")
+        validate.check_scale(scale)
+        why = self.supports(q.dtype, D, causal, Sq)
+        if why is not None:
+            raise ValueError(f"kernel {self.name}'s backward does not support {why}")
+        for name, t, shape, dtype in (("dout", dout, (B, H, Sq, D), q.dtype), ("out", out, (B, H, Sq, D), q.dtype),
+                                      ("lse", lse, (B, H, Sq), torch.float32)):
+            validate.check_tensor(name, t, dtypes=(dtype,), device="cuda")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if dlse is not None:
+            validate.check_tensor("dlse", dlse, dtypes=(torch.float32,), device="cuda")
+            if tuple(dlse.shape) != (B, H, Sq):
+                raise ValueError(f"dlse must have shape {(B, H, Sq)}, got {tuple(dlse.shape)}")
+        validate.check_index_range(B, H, Sq, Skv, D)
+        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        k = k.reshape(B, Skv, D).contiguous()
+        v = v.reshape(B, Skv, D).contiguous()
+        dq = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
+        dk = torch.empty((B, Skv, D), dtype=q.dtype, device=q.device)
+        dv = torch.empty((B, Skv, D), dtype=q.dtype, device=q.device)
+        if dq.numel() == 0 or Skv == 0:
+            def launch():
+                dq.zero_(); dk.zero_(); dv.zero_()
+            return launch, dq, dk, dv
+        q, dout, out, lse = q.contiguous(), dout.contiguous(), out.contiguous(), lse.contiguous()
+        dlse_arg = dlse.contiguous() if dlse is not None else torch.empty(0, device=q.device)
+        ws = torch.empty(_bwd_workspace(B, H, Sq), dtype=torch.uint8, device=q.device)
+        from .build import backward_name, load
+        mod = load(backward_name(self), self.backward, backward=True)
+
+        def launch():
+            mod.run_bwd(dout, q, k, v, out, lse, dlse_arg, dq, dk, dv, ws, scale, causal)
+        return launch, dq, dk, dv
+
+    def run_backward(self, dout, q, k, v, out, lse, dlse=None, causal=False, scale=None):
+        """(dq, dk, dv) of this kernel's forward by its backward kernel (see prepare_backward)."""
+        launch, dq, dk, dv = self.prepare_backward(dout, q, k, v, out, lse, dlse, causal, scale)
+        launch()
+        return dq, dk, dv
+
     def prototype_fn(self):
         if self.prototype is None:
             return None
@@ -114,6 +164,11 @@ class Kernel:
 
 def _scores_bytes(B, H, Sq, Skv, D, dtype, num_splits):
     return B * H * Sq * Skv * 4
+
+
+def _bwd_workspace(B, H, Sq):
+    """Bytes of the backward kernel's per-row lse (log2 units) and delta, rows padded to 64."""
+    return 2 * 4 * B * H * (-(-Sq // 64) * 64)
 
 
 def _decode_workspace(B, H, Sq, Skv, D, dtype, num_splits):
@@ -151,6 +206,7 @@ REGISTRY: list[Kernel] = [
            prototype="fastmqa.prototypes.flash:mqa_flash", suites=("fp32",)),
     Kernel("06_flash_mma", "tensor cores: mma.sync m16n8k16, ldmatrix, cp.async, softmax in registers",
            "prefill", "06_flash_mma.cu", "07_tensor_cores", dtypes=(FP16, BF16), returns_lse=True,
+           backward="07_flash_bwd.cu",
            prototype="fastmqa.prototypes.flash:mqa_flash_tiled", suites=("prefill",)),
     # --- decode over a KV cache ---------------------------------------------------------
     Kernel("10_decode", "decode: all heads share each K/V tile, split-KV over CTAs + combine", "decode",

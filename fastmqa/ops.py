@@ -19,6 +19,8 @@ reference (`fastmqa.reference.attention_ref`, in fp32 for fp16/bf16 inputs). The
 is FlashAttention-2's, written in torch: it recomputes P = exp(S * scale - lse) from the
 saved log-sum-exp block of query rows by block, so it never holds more than one block of
 the (Sq, Skv) score matrix per head, and sums dK and dV over the H heads that share them.
+On CUDA, for fp16/bf16, the same algorithm runs as a kernel (`kernels/07_flash_bwd.cu`, the
+backward of the registry's tensor-core kernel); `BACKWARD = "torch"` forces the torch version.
 
 Fully masked rows (causal with Sq > Skv: query i sees no key) give zeros, lse = -inf and
 zero gradients, never NaN. The backward itself is not differentiable (no double backward).
@@ -40,6 +42,9 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BWD_BLOCK_BYTES = 512 * 2**20   # the most fp32 score bytes the backward holds at once
 
 _failed: set = set()             # kernels whose build failed here: not tried again
+# "auto": the backward kernel of the registry (kernels/07_flash_bwd.cu) where it applies, else the
+# torch implementation below; "torch": always the torch implementation (benchmarks compare them).
+BACKWARD = "auto"
 
 
 # -- choosing an implementation ------------------------------------------------------
@@ -59,6 +64,20 @@ def select_kernel(dtype, D, causal, device_type="cuda"):
                 and kern.supports(dtype, D, causal) is None):
             best = kern
     return best
+
+
+def select_backward(dtype, D, causal, device_type="cuda"):
+    """The registry kernel whose backward kernel `mqa_bwd` uses for these inputs, or None (torch)."""
+    if device_type != "cuda" or BACKWARD == "torch":
+        return None
+    if BACKWARD != "auto":
+        raise ValueError(f"fastmqa.ops.BACKWARD must be 'auto' or 'torch', got {BACKWARD!r}")
+    from . import kernels
+    for kern in kernels.REGISTRY:
+        if (kern.backward and f"{kern.name}:bwd" not in _failed and kern.returns_lse
+                and kern.supports(dtype, D, causal) is None):
+            return kern
+    return None
 
 
 def _lse_dtype(dtype):
@@ -150,6 +169,18 @@ def mqa_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     """
     B, H, Sq, D = q.shape
     Skv = k.shape[1]
+    kern = select_backward(q.dtype, D, causal, q.device.type)
+    if kern is not None and k.dtype == v.dtype == q.dtype and lse.dtype == torch.float32:
+        try:
+            return kern.run_backward(dout.to(q.dtype), q, k, v, out, lse,
+                                     dlse.float() if dlse is not None else None, causal, scale)
+        except Exception as e:  # noqa: BLE001 -- as the forward: a failed build falls back, loudly
+            from .build import BuildError
+            if not isinstance(e, BuildError):
+                raise
+            _failed.add(f"{kern.name}:bwd")
+            warnings.warn(f"fastmqa: the backward kernel of {kern.name} failed to build ({e}); using the "
+                          "torch backward instead", RuntimeWarning, stacklevel=2)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq = torch.zeros((B, H, Sq, D), dtype=work, device=q.device)
     dk = torch.zeros((B, Skv, D), dtype=work, device=q.device)

@@ -32,6 +32,12 @@ struct MQAParams {
   int num_splits;         // split-KV count (decode), 0 = choose
   int num_sms;            // multiprocessors of the device
   cudaStream_t stream;
+  // Backward kernels only (o and lse above are the forward's output and log-sum-exp):
+  const void* dout;       // (B, H, Sq, D) upstream gradient, dtype of q
+  const float* dlse;      // (B, H, Sq) gradient reaching lse, or nullptr
+  void* dq;               // (B, H, Sq, D) outputs, dtype of q
+  void* dk;               // (B, Skv, D)
+  void* dv;               // (B, Skv, D)
 };
 
 // Every kernel file defines   int fastmqa_<name>(const MQAParams& p);
