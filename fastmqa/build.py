@@ -40,8 +40,9 @@ static int dtype_code(const at::Tensor& t) {
 void run(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor o, at::Tensor lse,
          at::Tensor seqlens, at::Tensor workspace, double scale, bool causal, int64_t num_splits) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && o.is_cuda(), "q, k, v, o must be CUDA tensors");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && o.is_contiguous(),
-              "q, k, v, o must be contiguous");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "k, v must be contiguous");
+  TORCH_CHECK({strided} ? (q.stride(-1) == 1 && o.stride(-1) == 1) : (q.is_contiguous() && o.is_contiguous()),
+              {strided} ? "q, o must have unit stride in the head dim" : "q, o must be contiguous");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 3 && v.dim() == 3, "q must be 4-D and k, v 3-D");
   const c10::cuda::CUDAGuard guard(q.device());
   MQAParams p{};
@@ -52,6 +53,8 @@ void run(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor o, at::Tensor lse,
   p.workspace_bytes = workspace.numel();
   p.B = q.size(0); p.H = q.size(1); p.Sq = q.size(2); p.D = q.size(3); p.Skv = k.size(1);
   p.scale = (float)scale; p.causal = causal; p.dtype = dtype_code(q);
+  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_ss = q.stride(2);
+  p.o_sb = o.stride(0); p.o_sh = o.stride(1); p.o_ss = o.stride(2);
   p.num_splits = (int)num_splits;
   p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   p.stream = at::cuda::getCurrentCUDAStream();
@@ -77,8 +80,11 @@ void run_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Tensor v, at::Tens
              at::Tensor dlse, at::Tensor dq, at::Tensor dk, at::Tensor dv, at::Tensor workspace,
              double scale, bool causal) {
   for (const at::Tensor* t : {&dout, &q, &k, &v, &out, &dq, &dk, &dv})
-    TORCH_CHECK(t->is_cuda() && t->is_contiguous() && t->scalar_type() == q.scalar_type(),
-                "dout, q, k, v, out, dq, dk, dv must be contiguous CUDA tensors of q's dtype");
+    TORCH_CHECK(t->is_cuda() && t->scalar_type() == q.scalar_type(), "dout, q, k, v, out, dq, dk, dv must be CUDA tensors of q's dtype");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && dk.is_contiguous() && dv.is_contiguous(),
+              "k, v, dk, dv must be contiguous");
+  TORCH_CHECK(q.stride(-1) == 1 && out.stride(-1) == 1 && dout.strides() == out.strides() && dq.strides() == out.strides(),
+              "dout and dq must have out's strides; q and out unit stride in the head dim");
   TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat, "lse must be contiguous float32");
   TORCH_CHECK(!dlse.numel() || (dlse.is_contiguous() && dlse.scalar_type() == at::kFloat),
               "dlse must be empty or contiguous float32");
@@ -93,6 +99,8 @@ void run_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Tensor v, at::Tens
   p.workspace_bytes = workspace.numel();
   p.B = q.size(0); p.H = q.size(1); p.Sq = q.size(2); p.D = q.size(3); p.Skv = k.size(1);
   p.scale = (float)scale; p.causal = causal;
+  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_ss = q.stride(2);
+  p.o_sb = out.stride(0); p.o_sh = out.stride(1); p.o_ss = out.stride(2);
   p.dtype = q.scalar_type() == at::kHalf ? FASTMQA_FP16 : FASTMQA_BF16;
   p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   p.stream = at::cuda::getCurrentCUDAStream();
@@ -153,12 +161,13 @@ def cuda_flags() -> list[str]:
 
 
 def load(name: str, source: str, uses_cublas: bool = False, verbose: bool = False, defines=(), symbol=None,
-         backward: bool = False):
+         backward: bool = False, strided: bool = False):
     """Build (or load from the cache) the extension for kernel `name` from kernels/`source`.
 
     defines: extra `-D` macros (a kernel's dev knobs); symbol: the launcher the source defines
     (`fastmqa_<symbol>`), when `name` is a variant's name rather than the kernel's own;
-    backward: a backward kernel, bound as `run_bwd` (gradients) instead of `run`."""
+    backward: a backward kernel, bound as `run_bwd` (gradients) instead of `run`; strided: the
+    kernel reads q's and o's strides (MQAParams.q_sb ...), so the binding accepts views."""
     with _lock:
         if name in _loaded:
             return _loaded[name]
@@ -166,7 +175,8 @@ def load(name: str, source: str, uses_cublas: bool = False, verbose: bool = Fals
     from torch.utils.cpp_extension import load_inline
     fn = symbol or name_to_symbol(name)
     cu = (KERNELS_DIR / source).read_text()
-    cpp = (_BINDING_BWD if backward else _BINDING).replace("{fn}", fn).replace("{blas}", _BLAS if uses_cublas else "")
+    cpp = (_BINDING_BWD if backward else _BINDING).replace("{fn}", fn).replace("{blas}", _BLAS if uses_cublas else "").replace(
+        "{strided}", "true" if strided else "false")
     extensions_dir()
     os.environ.setdefault("MAX_JOBS", "2")
     try:
@@ -188,7 +198,8 @@ def load_variant(kernel, tag: str, defines):
     of the entry named '<name>_<tag>' that runs it (dev scripts time a kernel's knobs side by side)."""
     import dataclasses
     name = f"{kernel.name}_{tag}"
-    load(name, kernel.source, kernel.uses_cublas, defines=defines, symbol=name_to_symbol(kernel.name))
+    load(name, kernel.source, kernel.uses_cublas, defines=defines, symbol=name_to_symbol(kernel.name),
+         strided=kernel.strided_q)
     return dataclasses.replace(kernel, name=name)
 
 
@@ -205,15 +216,15 @@ def backward_name(entry) -> str:
 def build_all(entries, max_workers: int | None = None, verbose: bool = False) -> dict:
     """Build registry entries in parallel; returns {name: None or the exception}."""
     require_toolchain()
-    jobs = [(e.name, e.source, e.uses_cublas, False) for e in entries if e.source]
-    jobs += [(backward_name(e), e.backward, False, True) for e in entries if getattr(e, "backward", None)]
+    jobs = [(e.name, e.source, e.uses_cublas, False, getattr(e, "strided_q", False)) for e in entries if e.source]
+    jobs += [(backward_name(e), e.backward, False, True, False) for e in entries if getattr(e, "backward", None)]
     max_workers = max_workers or min(len(jobs), max(1, (os.cpu_count() or 2) // 2)) or 1
     results = {}
 
     def one(job):
-        name, source, uses_cublas, backward = job
+        name, source, uses_cublas, backward, strided = job
         try:
-            load(name, source, uses_cublas, verbose, backward=backward)
+            load(name, source, uses_cublas, verbose, backward=backward, strided=strided)
             return name, None
         except Exception as ex:  # reported per kernel
             return name, ex

@@ -40,6 +40,7 @@ class Kernel:
     prototype: str | None = None    # "module:function" of its numba.cuda prototype
     suites: tuple = ()              # benchmark suites it appears in
     backward: str | None = None     # file in kernels/ of its backward kernel (same dtypes, head dims)
+    strided_q: bool = False         # reads q and o through their strides (views need no copy)
     extra: dict = field(default_factory=dict)
 
     # -- calling -----------------------------------------------------------------
@@ -82,7 +83,11 @@ class Kernel:
         if return_lse and not self.returns_lse:
             raise ValueError(f"kernel {self.name} does not compute the log-sum-exp (return_lse=True)")
         scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        # A strided kernel takes q as it is (e.g. a (B, Sq, H, D) projection viewed as (B, H, Sq, D))
+        # and writes o in the (B, Sq, H, D) layout (`empty_bshd`), so a layer's transposes on both
+        # sides cost no copy.
+        strided = self.strided_q and _rows_aligned(q)
+        o = empty_bshd(q) if self.strided_q else torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
         if o.numel() == 0 or Skv == 0:
             # Nothing to compute, or nothing to attend to: the documented fully-masked result.
@@ -91,7 +96,8 @@ class Kernel:
                 lse.fill_(float("-inf"))
             return launch, o, lse
         # Oddly strided inputs are made contiguous (documented): kernels assume dense rows.
-        q = q.contiguous()
+        if not strided:
+            q = q.contiguous()
         k = k.reshape(B, Skv, D).contiguous()
         v = v.reshape(B, Skv, D).contiguous()
         ws_bytes = self.workspace(B, H, Sq, Skv, D, q.dtype, num_splits) if self.workspace else 0
@@ -99,7 +105,7 @@ class Kernel:
         lens = cache_seqlens if cache_seqlens is not None else torch.empty(0, dtype=torch.int32, device=q.device)
         lse_arg = lse if (self.returns_lse or return_lse) else torch.empty(0, device=q.device)
         from .build import load
-        mod = load(self.name, self.source, self.uses_cublas)
+        mod = load(self.name, self.source, self.uses_cublas, strided=self.strided_q)
         ns = int(num_splits)
 
         def launch():
@@ -109,8 +115,8 @@ class Kernel:
     def prepare_backward(self, dout, q, k, v, out, lse, dlse=None, causal=False, scale=None):
         """The backward kernel's (launch, dq, dk, dv) for gradients of this kernel's forward:
         q, dout, out (B, H, Sq, D); k, v (B, 1, Skv, D) or (B, Skv, D); lse (B, H, Sq) float32 from
-        the forward (return_lse=True); dlse: the gradient reaching lse, or None. dk, dv come back
-        as (B, Skv, D), in k's dtype."""
+        the forward (return_lse=True); dlse: the gradient reaching lse, or None. dq comes back in
+        the (B, Sq, H, D) layout (`empty_bshd`), dk, dv as (B, Skv, D), in k's dtype."""
         if self.backward is None:
             raise ValueError(f"kernel {self.name} has no backward kernel")
         B, H, Sq, Skv, D, _ = validate.check_qkv(q, k, v, kv_heads=1)
@@ -132,14 +138,19 @@ class Kernel:
         scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
         k = k.reshape(B, Skv, D).contiguous()
         v = v.reshape(B, Skv, D).contiguous()
-        dq = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
+        # q is read where it lies (16-byte rows); out, dout and dq share the (B, Sq, H, D) layout
+        # of the forward's output (`empty_bshd`): a layer's views need no copy.
+        if not _rows_aligned(q):
+            q = q.contiguous()
+        dq = empty_bshd(q)
+        out, dout = (t if t.stride() == dq.stride() else empty_bshd(q).copy_(t) for t in (out, dout))
         dk = torch.empty((B, Skv, D), dtype=q.dtype, device=q.device)
         dv = torch.empty((B, Skv, D), dtype=q.dtype, device=q.device)
         if dq.numel() == 0 or Skv == 0:
             def launch():
                 dq.zero_(); dk.zero_(); dv.zero_()
             return launch, dq, dk, dv
-        q, dout, out, lse = q.contiguous(), dout.contiguous(), out.contiguous(), lse.contiguous()
+        lse = lse.contiguous()
         dlse_arg = dlse.contiguous() if dlse is not None else torch.empty(0, device=q.device)
         ws = torch.empty(_bwd_workspace(B, H, Sq), dtype=torch.uint8, device=q.device)
         from .build import backward_name, load
@@ -164,6 +175,21 @@ class Kernel:
 
 def _scores_bytes(B, H, Sq, Skv, D, dtype, num_splits):
     return B * H * Sq * Skv * 4
+
+
+def empty_bshd(q, dtype=None):
+    """An uninitialised (B, H, Sq, D) tensor like q whose memory is (B, Sq, H, D): the layout the
+    strided kernels write, the layout of a layer's projections (so `o.transpose(1, 2)` is free)."""
+    B, H, Sq, D = q.shape
+    return torch.empty((B, Sq, H, D), dtype=dtype or q.dtype, device=q.device).transpose(1, 2)
+
+
+def _rows_aligned(t) -> bool:
+    """t's rows can be read in 16-byte chunks where they lie: unit stride in the head dim, other
+    strides and the start address multiples of 16 bytes."""
+    e = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all((s * e) % 16 == 0 or n == 1 for s, n in zip(t.stride()[:-1], t.shape[:-1])))
 
 
 def _bwd_workspace(B, H, Sq):
@@ -206,7 +232,7 @@ REGISTRY: list[Kernel] = [
            prototype="fastmqa.prototypes.flash:mqa_flash", suites=("fp32",)),
     Kernel("06_flash_mma", "tensor cores: mma.sync m16n8k16, ldmatrix, cp.async, softmax in registers",
            "prefill", "06_flash_mma.cu", "07_tensor_cores", dtypes=(FP16, BF16), returns_lse=True,
-           backward="07_flash_bwd.cu",
+           backward="07_flash_bwd.cu", strided_q=True,
            prototype="fastmqa.prototypes.flash:mqa_flash_tiled", suites=("prefill",)),
     # --- decode over a KV cache ---------------------------------------------------------
     Kernel("10_decode", "decode: all heads share each K/V tile, split-KV over CTAs + combine", "decode",

@@ -124,7 +124,7 @@ def mqa_fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, im
     if kern is not None:
         try:
             out, lse = kern(q, k, v, causal=causal, scale=scale, return_lse=True)
-            return out, lse
+            return _like(q, out), lse
         except Exception as e:  # noqa: BLE001 -- a kernel that cannot build must not break the model
             from .build import BuildError
             if impl or not isinstance(e, BuildError):
@@ -132,7 +132,17 @@ def mqa_fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, im
             _failed.add(kern.name)
             warnings.warn(f"fastmqa: kernel {kern.name} failed to build ({e}); using the reference "
                           "attention instead", RuntimeWarning, stacklevel=2)
-    return _reference_fwd(q, k, v, causal, scale)
+    out, lse = _reference_fwd(q, k, v, causal, scale)
+    return _like(q, out), lse
+
+
+def _like(q, t):
+    """t in the (B, Sq, H, D) memory layout (`kernels.empty_bshd`) that the fake implementations
+    promise: a deterministic layout from the shape alone, the one a layer's projections have, so
+    the transpose back to (B, S, hidden) is free. Kernels that write it cost no copy here."""
+    from .kernels import empty_bshd
+    like = empty_bshd(q, dtype=t.dtype)
+    return t if like.stride() == t.stride() else like.copy_(t)
 
 
 mqa_fwd = torch.library.custom_op("fastmqa::mqa_fwd", mqa_fwd_impl, mutates_args=())
@@ -141,7 +151,8 @@ mqa_fwd = torch.library.custom_op("fastmqa::mqa_fwd", mqa_fwd_impl, mutates_args
 @mqa_fwd.register_fake
 def _(q, k, v, causal, scale, impl):
     B, H, Sq, D = q.shape
-    return q.new_empty((B, H, Sq, D)), q.new_empty((B, H, Sq), dtype=_lse_dtype(q.dtype))
+    from .kernels import empty_bshd
+    return empty_bshd(q), q.new_empty((B, H, Sq), dtype=_lse_dtype(q.dtype))
 
 
 # -- the backward op: FlashAttention-2's algorithm in torch ---------------------------
@@ -172,8 +183,9 @@ def mqa_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     kern = select_backward(q.dtype, D, causal, q.device.type)
     if kern is not None and k.dtype == v.dtype == q.dtype and lse.dtype == torch.float32:
         try:
-            return kern.run_backward(dout.to(q.dtype), q, k, v, out, lse,
-                                     dlse.float() if dlse is not None else None, causal, scale)
+            dq, dk, dv = kern.run_backward(dout.to(q.dtype), q, k, v, out, lse,
+                                           dlse.float() if dlse is not None else None, causal, scale)
+            return _like(q, dq), dk, dv
         except Exception as e:  # noqa: BLE001 -- as the forward: a failed build falls back, loudly
             from .build import BuildError
             if not isinstance(e, BuildError):
@@ -216,7 +228,7 @@ def mqa_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
             del p, dp
             dq[:, :, i0:i1] = torch.matmul(ds, kb.unsqueeze(1)) * scale
             dk[:, :j1] += torch.einsum("bhij,bhid->bjd", ds, qb) * scale
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return _like(q, dq.to(q.dtype)), dk.to(k.dtype), dv.to(v.dtype)
 
 
 mqa_bwd = torch.library.custom_op("fastmqa::mqa_bwd", mqa_bwd_impl, mutates_args=())
@@ -224,7 +236,8 @@ mqa_bwd = torch.library.custom_op("fastmqa::mqa_bwd", mqa_bwd_impl, mutates_args
 
 @mqa_bwd.register_fake
 def _(dout, q, k, v, out, lse, dlse, causal, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the real op
+    from .kernels import empty_bshd
+    return empty_bshd(q), k.new_empty(k.shape), v.new_empty(v.shape)  # the real op's layouts
 
 
 def _setup_context(ctx, inputs, output):

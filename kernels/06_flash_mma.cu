@@ -17,6 +17,8 @@
 //     registers of P feed the P V product directly (FlashAttention-2's register trick);
 //   * causal: tiles past the block's last visible key are never loaded, only the tiles that
 //     cross a row's diagonal (or Skv) are masked, and blocks with the most keys start first.
+// q and o are read and written through their strides: a layer's (B, S, H, D) projection viewed as
+// (B, H, S, D) is already the packed (i, h) row order, so the layer needs no transposing copy.
 // Tried and dropped (scripts/dev_flash.py, H100): runs of P > 1 queries per head in a block (no
 // measurable change); a persistent grid prefetching the next block's Q and first K/V tile
 // (the loop state cost registers: 34% more instructions per tile, 25% slower).
@@ -104,6 +106,8 @@ __device__ __forceinline__ void load_kv(uint32_t dst, const T* src, int j0, int 
   }
 }
 
+struct Strides { long long b, h, s; };  // element strides of the (B, H, Sq) dims of q or o
+
 template <typename T, int D, int BN, bool Q_IN_REGS>
 struct Cfg {
   static constexpr int KS = D / 16;     // k-steps of S = Q K^T
@@ -118,15 +122,15 @@ struct Cfg {
 // (a warp vote); without it, exp2f and an unconditional rescale (the first measured version).
 template <typename T, int D, int BN, bool Q_IN_REGS, int MINB, bool FAST>
 __global__ void __launch_bounds__(NT, MINB)
-mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D)
+mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D), strides qs
                      const T* __restrict__ k,   // (B, Skv, D)
                      const T* __restrict__ v,   // (B, Skv, D)
-                     T* __restrict__ o,         // (B, H, Sq, D)
+                     T* __restrict__ o,         // (B, H, Sq, D), strides os
                      float* __restrict__ lse,   // (B, H, Sq) or nullptr
-                     int B, int H, int Sq, int Skv, float scale, int causal) {
+                     int B, int H, int Sq, int Skv, float scale, int causal, const Strides qs, const Strides os) {
   using C = Cfg<T, D, BN, Q_IN_REGS>;
   extern __shared__ __align__(128) unsigned char smem[];
-  __shared__ int row_q[BM];  // element offset of tile row r in q and o, or -1 past H * Sq rows
+  __shared__ long long row_q[BM];  // element offset of tile row r in q, or -1 past H * Sq rows
   __shared__ int row_i[BM];  // its query position i
   const uint32_t sQ = smem_u32(smem);
   const uint32_t sK0 = sQ + C::Q_BYTES, sV0 = sK0 + 2 * C::KV_BYTES;
@@ -150,7 +154,7 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D)
   if (n_tiles > 0) load_kv<D, BN>(sK0, kb, 0, Skv, tid);
   {
     const int row = m0 + tid, i = row / H, h = row % H;  // NT == BM: one row per thread
-    row_q[tid] = row < H * Sq ? (int)((((size_t)b * H + h) * Sq + i) * D) : -1;
+    row_q[tid] = row < H * Sq ? b * qs.b + h * qs.h + i * qs.s : -1;
     row_i[tid] = i;
   }
   __syncthreads();
@@ -159,8 +163,9 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D)
     const int c = tid % CH;
 #pragma unroll
     for (int it = 0; it < BM * CH / NT; ++it) {
-      const int r = tid / CH + it * (NT / CH), base = row_q[r];
-      cp_async16(sQ + swz<D>(r, c), q + max(base, 0) + c * 8, base >= 0);
+      const int r = tid / CH + it * (NT / CH);
+      const long long base = row_q[r];
+      cp_async16(sQ + swz<D>(r, c), q + (base > 0 ? base : 0) + c * 8, base >= 0);
     }
   }
   cp_async_commit();  // group: K[0] and Q
@@ -375,8 +380,9 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D)
         uint32_t val = Mma<T>::pack(acc_o[mt][n][2 * hf] * inv, acc_o[mt][n][2 * hf + 1] * inv);
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sQ + swz<D>(r, n) + tq * 4), "r"(val));
       }
-      const int base = row_q[r];
-      if (lse && tq == 0 && base >= 0) lse[base / D] = l != 0.f ? m_run[mt][hf] * scale + logf(l) : -INFINITY;
+      const int m = m0 + r;  // packed row (i, h): lse (B, H, Sq) is contiguous
+      if (lse && tq == 0 && m < H * Sq)
+        lse[((size_t)b * H + m % H) * Sq + m / H] = l != 0.f ? m_run[mt][hf] * scale + logf(l) : -INFINITY;
     }
   __syncwarp();
   {
@@ -384,8 +390,9 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D)
     const int c = lane % CH;
 #pragma unroll
     for (int it = 0; it < CH; ++it) {
-      const int r = warp * 32 + lane / CH + it * (32 / CH), base = row_q[r];
-      if (base >= 0) {
+      const int r = warp * 32 + lane / CH + it * (32 / CH), m = m0 + r;
+      if (m < H * Sq) {
+        const long long base = b * os.b + (m % H) * os.h + (m / H) * os.s;
         uint4 val;
         asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
                      : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w) : "r"(sQ + swz<D>(r, c)));
@@ -403,7 +410,8 @@ int launch(const MQAParams& p) {
     return FASTMQA_UNSUPPORTED;
   const int nmb = (p.H * p.Sq + BM - 1) / BM;
   kern<<<nmb * p.B, NT, C::SMEM, p.stream>>>((const T*)p.q, (const T*)p.k, (const T*)p.v, (T*)p.o, p.lse, p.B, p.H,
-                                             p.Sq, p.Skv, p.scale, p.causal);
+                                             p.Sq, p.Skv, p.scale, p.causal, Strides{p.q_sb, p.q_sh, p.q_ss},
+                                             Strides{p.o_sb, p.o_sh, p.o_ss});
   return 0;
 }
 

@@ -22,6 +22,9 @@
 //   "A"  rows of a tile as the A operand (K, V in dkdv; Q, dO in dq);
 //   "Bn" rows of a tile as the B operand of X Y^T (Q, dO in dkdv; K, V in dq);
 //   "Bt" a tile transposed by ldmatrix.trans as the B operand of X Y (dO, Q in dkdv; K in dq).
+// q, and o, dout and dq (which share one layout), are read and written through their strides, like
+// 06's q and o: a layer's (B, S, H, D) projections need no transposing copies. k, v, dk, dv are
+// contiguous.
 // Exponents follow the course convention (round(s * scale_log2) - lse2, unfused), clamped at 0:
 // P <= 1 always, so a gradient stays finite even where lse has lost its precision.
 #include <cuda_bf16.h>
@@ -91,9 +94,10 @@ template <> struct Mma<__half> {
 template <int D>
 __device__ __forceinline__ uint32_t swz(int r, int ch) { return (uint32_t)(r * D * 2 + ((ch ^ (r & 7)) << 4)); }
 
-// Rows [r0, r0 + R) of a row-major (rows, D) matrix at src into a swizzled tile; rows >= n are zeros.
+// Rows [r0, r0 + R) of a (rows, D) matrix at src with row stride ld (elements) into a swizzled
+// tile; rows >= n are zeros.
 template <int D, int R, typename T>
-__device__ __forceinline__ void load_tile(uint32_t dst, const T* src, int r0, int n, int tid) {
+__device__ __forceinline__ void load_tile(uint32_t dst, const T* src, int r0, int n, long long ld, int tid) {
   constexpr int CH = D / 8;
   static_assert(R * CH % NT == 0, "the tile splits evenly over the threads");
   const int c = tid % CH;
@@ -101,7 +105,7 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const T* src, int r0, in
   for (int it = 0; it < R * CH / NT; ++it) {
     const int r = tid / CH + it * (NT / CH);
     const bool in = r0 + r < n;
-    cp_async16(dst + swz<D>(r, c), src + (size_t)(in ? r0 + r : 0) * D + c * 8, in);
+    cp_async16(dst + swz<D>(r, c), src + (in ? r0 + r : 0) * ld + c * 8, in);
   }
 }
 
@@ -174,6 +178,8 @@ struct BwdArgs {
   float *lse2, *delta;  // workspace: (B, H, SqP) each, SqP = Sq rounded up to BM
   int B, H, Sq, Skv, SqP, causal;
   float scale;
+  long long sb, sh, ss;     // element strides of the (B, H, Sq) dims of o, dout and dq (alike)
+  long long qsb, qsh, qss;  // ... and of q
 };
 
 // delta = rowsum(dO * O) - dlse and lse2 = lse * log2(e) per row; padding rows and rows that saw
@@ -185,11 +191,12 @@ __global__ void __launch_bounds__(256) bwd_prep_kernel(const BwdArgs a) {
   const int bh = row / a.SqP, i = row % a.SqP;
   float dot = 0.f;
   const bool in = i < a.Sq;
-  const size_t r = (size_t)bh * a.Sq + i;
+  const size_t r = (size_t)bh * a.Sq + i;  // lse, dlse: contiguous (B, H, Sq)
   if (in) {
     constexpr int PER = D / 32;  // 2 or 4 elements a lane
-    const T* dop = static_cast<const T*>(a.dout) + r * D + lane * PER;
-    const T* op = static_cast<const T*>(a.o) + r * D + lane * PER;
+    const long long at = (bh / a.H) * a.sb + (bh % a.H) * a.sh + i * a.ss + lane * PER;
+    const T* dop = static_cast<const T*>(a.dout) + at;
+    const T* op = static_cast<const T*>(a.o) + at;
 #pragma unroll
     for (int e = 0; e < PER; e += 2) {
       const float2 x = Mma<T>::unpack(*reinterpret_cast<const uint32_t*>(dop + e));
@@ -236,15 +243,15 @@ __global__ void __launch_bounds__(NT, 2) bwd_dkdv_kernel(const BwdArgs a) {
   const int per_h = max(0, nblk - ib0), n_it = a.H * per_h;
   const T* kb = static_cast<const T*>(a.k) + (size_t)b * a.Skv * D;
   const T* vb = static_cast<const T*>(a.v) + (size_t)b * a.Skv * D;
-  const T* qb = static_cast<const T*>(a.q) + (size_t)b * a.H * a.Sq * D;
-  const T* ob = static_cast<const T*>(a.dout) + (size_t)b * a.H * a.Sq * D;
+  const T* qb = static_cast<const T*>(a.q) + b * a.qsb;
+  const T* ob = static_cast<const T*>(a.dout) + b * a.sb;
   const float* l2b = a.lse2 + (size_t)b * a.H * a.SqP;
   const float* dlb = a.delta + (size_t)b * a.H * a.SqP;
 
   auto load_block = [&](int it, int buf) {  // iteration it = (head, query block)
     const int h = it / per_h, i0 = (ib0 + it % per_h) * BM;
-    load_tile<D, BM>(sQ0 + buf * TILE, qb + (size_t)h * a.Sq * D, i0, a.Sq, tid);
-    load_tile<D, BM>(sO0 + buf * TILE, ob + (size_t)h * a.Sq * D, i0, a.Sq, tid);
+    load_tile<D, BM>(sQ0 + buf * TILE, qb + h * a.qsh, i0, a.Sq, a.qss, tid);
+    load_tile<D, BM>(sO0 + buf * TILE, ob + h * a.sh, i0, a.Sq, a.ss, tid);
     if (tid < 2 * BM / 4) {  // 16 chunks of lse2, then 16 of delta (SqP is a multiple of BM: aligned)
       const int c = tid % 16;
       const float* src = (tid < 16 ? l2b : dlb) + (size_t)h * a.SqP + i0 + 4 * c;
@@ -259,8 +266,8 @@ __global__ void __launch_bounds__(NT, 2) bwd_dkdv_kernel(const BwdArgs a) {
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
 
   if (n_it > 0) {
-    load_tile<D, BN>(sK, kb, j0, a.Skv, tid);
-    load_tile<D, BN>(sV, vb, j0, a.Skv, tid);
+    load_tile<D, BN>(sK, kb, j0, a.Skv, D, tid);
+    load_tile<D, BN>(sV, vb, j0, a.Skv, D, tid);
     load_block(0, 0);
   }
   cp_async_commit();
@@ -334,16 +341,17 @@ __global__ void __launch_bounds__(NT, 2) bwd_dq_kernel(const BwdArgs a) {
   const int kv_end = a.causal ? min(a.Skv, max(0, i_last + off + 1)) : a.Skv;
   const int n_tiles = (kv_end + BN - 1) / BN;
   const size_t bh = (size_t)b * a.H + h;
-  const T* qh = static_cast<const T*>(a.q) + bh * a.Sq * D;
-  const T* oh = static_cast<const T*>(a.dout) + bh * a.Sq * D;
+  const long long ooff = b * a.sb + h * a.sh;  // dout and dq of (b, h)
+  const T* qh = static_cast<const T*>(a.q) + b * a.qsb + h * a.qsh;
+  const T* oh = static_cast<const T*>(a.dout) + ooff;
   const T* kb = static_cast<const T*>(a.k) + (size_t)b * a.Skv * D;
   const T* vb = static_cast<const T*>(a.v) + (size_t)b * a.Skv * D;
 
-  load_tile<D, BM>(sQ, qh, i0, a.Sq, tid);
-  load_tile<D, BM>(sO, oh, i0, a.Sq, tid);
+  load_tile<D, BM>(sQ, qh, i0, a.Sq, a.qss, tid);
+  load_tile<D, BM>(sO, oh, i0, a.Sq, a.ss, tid);
   if (n_tiles > 0) {
-    load_tile<D, BN>(sK0, kb, 0, a.Skv, tid);
-    load_tile<D, BN>(sV0, vb, 0, a.Skv, tid);
+    load_tile<D, BN>(sK0, kb, 0, a.Skv, D, tid);
+    load_tile<D, BN>(sV0, vb, 0, a.Skv, D, tid);
   }
   cp_async_commit();
   Lanes L;
@@ -368,8 +376,8 @@ __global__ void __launch_bounds__(NT, 2) bwd_dq_kernel(const BwdArgs a) {
     cp_async_wait_all();
     __syncthreads();
     if (t + 1 < n_tiles) {
-      load_tile<D, BN>(sK0 + (buf ^ 1) * TILE, kb, n0 + BN, a.Skv, tid);
-      load_tile<D, BN>(sV0 + (buf ^ 1) * TILE, vb, n0 + BN, a.Skv, tid);
+      load_tile<D, BN>(sK0 + (buf ^ 1) * TILE, kb, n0 + BN, a.Skv, D, tid);
+      load_tile<D, BN>(sV0 + (buf ^ 1) * TILE, vb, n0 + BN, a.Skv, D, tid);
     }
     cp_async_commit();
     const uint32_t sK = sK0 + buf * TILE, sV = sV0 + buf * TILE;
@@ -391,14 +399,14 @@ __global__ void __launch_bounds__(NT, 2) bwd_dq_kernel(const BwdArgs a) {
   }
   cp_async_wait_all();
 
-  T* dqh = static_cast<T*>(a.dq) + bh * a.Sq * D;
+  T* dqh = static_cast<T*>(a.dq) + ooff;
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int i = ir[hf];
     if (i >= a.Sq) continue;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n)
-      *reinterpret_cast<uint32_t*>(dqh + (size_t)i * D + 8 * n + 2 * tq) =
+      *reinterpret_cast<uint32_t*>(dqh + i * a.ss + 8 * n + 2 * tq) =
           Mma<T>::pack(dq[n][2 * hf] * a.scale, dq[n][2 * hf + 1] * a.scale);
   }
 }
@@ -419,7 +427,8 @@ int launch(const MQAParams& p) {
   const size_t need = 2 * sizeof(float) * (size_t)p.B * p.H * SqP;
   if (p.workspace == nullptr || p.workspace_bytes < need) return FASTMQA_UNSUPPORTED;
   BwdArgs a{p.q, p.k, p.v, p.o, p.dout, p.lse, p.dlse, p.dq, p.dk, p.dv,
-            static_cast<float*>(p.workspace), nullptr, p.B, p.H, p.Sq, p.Skv, SqP, p.causal, p.scale};
+            static_cast<float*>(p.workspace), nullptr, p.B, p.H, p.Sq, p.Skv, SqP, p.causal, p.scale,
+            p.o_sb, p.o_sh, p.o_ss, p.q_sb, p.q_sh, p.q_ss};
   a.delta = a.lse2 + (size_t)p.B * p.H * SqP;
   const int rows = p.B * p.H * SqP;
   bwd_prep_kernel<T, D><<<(rows + 7) / 8, 256, 0, p.stream>>>(a);

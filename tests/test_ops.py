@@ -264,3 +264,68 @@ def test_gpu_compile_fullgraph():
     q, k, v = qkv(B=2, H=8, Sq=64, Skv=64, D=128, dtype=torch.bfloat16, device="cuda")
     f = torch.compile(lambda *a: mqa_attention(*a, causal=True), fullgraph=True)
     assert torch.equal(f(q, k, v), mqa_attention(q, k, v, causal=True))
+
+
+def _bshd(B, H, S, D, dtype, device, seed):
+    """q as a layer makes it: a (B, S, H, D) projection viewed as (B, H, S, D) (not contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, S, H, D, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, needs_cuda])])
+def test_output_and_dq_come_in_the_bshd_layout(device):
+    """out and dq are (B, H, Sq, D) tensors whose memory is (B, Sq, H, D), whatever q's layout (a
+    layout fixed by the shape, as the fake implementations promise torch.compile): a layer's q,
+    a view of its (B, S, H, D) projection, then needs no copy on either side of the op."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    for q in (_bshd(2, 4, 33, 64, dtype, device, 0), _bshd(2, 4, 33, 64, dtype, device, 0).contiguous()):
+        q = q.detach().requires_grad_()
+        _, k, v = qkv(B=2, H=4, Sq=33, Skv=40, D=64, dtype=dtype, device=device)
+        k, v = k.requires_grad_(), v.requires_grad_()
+        out = mqa_attention(q, k, v, causal=True)
+        bshd = (33 * 4 * 64, 64, 4 * 64, 1)
+        assert out.stride() == bshd
+        out.backward(torch.ones_like(out))
+        assert q.grad is not None and torch.isfinite(q.grad).all()
+        check.assert_close(out, q.detach(), k.detach(), v.detach(), causal=True, what="mqa_attention")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_backward_kernel_matches_the_torch_backward(dtype, causal):
+    """kernels/07_flash_bwd.cu and the torch backward (the same algorithm, in fp32) agree within
+    the tolerance rule against fp64, on strided (layer-layout) and contiguous q, and with dlse."""
+    kern = ops.select_backward(dtype, 128, causal)
+    assert kern is not None and kern.backward == "07_flash_bwd.cu"
+    for q in (_bshd(2, 8, 130, 128, dtype, "cuda", 1), _bshd(2, 8, 130, 128, dtype, "cuda", 1).contiguous()):
+        _, k, v = qkv(B=2, H=8, Sq=130, Skv=97, D=128, dtype=dtype, device="cuda", seed=2)
+        out, lse = kern(q, k, v, causal=causal, return_lse=True)
+        g = torch.Generator(device="cuda").manual_seed(3)
+        dout = torch.randn(out.shape, device="cuda", generator=g).to(dtype)
+        dlse = torch.randn(lse.shape, device="cuda", generator=g)
+        scale = 1 / 128 ** 0.5
+        ours = kern.run_backward(dout, q, k, v, out, lse, dlse, causal=causal)
+        prev, ops.BACKWARD = ops.BACKWARD, "torch"
+        try:
+            theirs = ops.mqa_bwd_impl(dout, q, k.view(2, 97, 128), v.view(2, 97, 128), out, lse, dlse, causal, scale)
+        finally:
+            ops.BACKWARD = prev
+        # fp64 gradients of (out, lse) with upstream (dout, dlse)
+        leaves = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+        o64, l64 = attention_ref(*leaves, causal=causal, return_lse=True)
+        torch.autograd.backward([o64, l64], [dout.double().cpu(), dlse.double().cpu()])
+        for name, a, b, r in zip(("dq", "dk", "dv"), ours, theirs, leaves):
+            ref = r.grad.reshape(a.shape)
+            err_a = float((a.double().cpu() - ref).abs().max())
+            err_b = float((b.double().cpu() - ref).abs().max())
+            assert torch.isfinite(a).all()
+            # the torch backward computes in fp32 and rounds once: the kernel rounds P and dS to 16 bits
+            # for the tensor cores, so it is held to PyTorch's own same-dtype autograd error instead
+            leaves_t = [t.detach().requires_grad_() for t in (q, k, v)]
+            o_t, l_t = attention_ref(*leaves_t, causal=causal, return_lse=True)
+            torch.autograd.backward([o_t, l_t], [dout.to(o_t.dtype), dlse.to(l_t.dtype)])
+            err_t = float((leaves_t[("dq", "dk", "dv").index(name)].grad.double().cpu().reshape(a.shape) - ref).abs().max())
+            tol = check.MULTIPLE * err_t + check.ATOL[dtype]
+            assert err_a <= tol, f"{name} kernel err {err_a:.3e} > tol {tol:.3e} (torch backward err {err_b:.3e})"
