@@ -41,7 +41,13 @@ def _small_case(kern):
             q = torch.randn(B, H, Sq, D, device="cuda").to(dtype)
             k = torch.randn(B, 1, S, D, device="cuda").to(dtype)
             v = torch.randn(B, 1, S, D, device="cuda").to(dtype)
-            kern(q, k, v, causal=causal, cache_seqlens=lens) if lens is not None else kern(q, k, v, causal=causal)
+            if lens is not None:
+                kern(q, k, v, causal=causal, cache_seqlens=lens)
+            elif kern.backward:  # the forward, then its backward kernel
+                o, lse = kern(q, k, v, causal=causal, return_lse=True)
+                kern.run_backward(torch.randn_like(o), q, k, v, o, lse, causal=causal)
+            else:
+                kern(q, k, v, causal=causal)
             torch.cuda.synchronize()
 
 
@@ -134,6 +140,13 @@ def main(argv=None):
                            "failures": [c.__dict__ for c in cases if not c.ok][:20],
                            "worst_ratio": max((c.max_err / c.tol for c in cases if c.tol == c.tol and c.tol > 0), default=0.0)}
             print(f"{e.name}: {gridcheck.summarize(cases)}", flush=True)
+            if e.backward:  # its backward kernel, gradient by gradient
+                bcases = gridcheck.run_backward_grid(e, quick=args.quick)
+                rec["backward_grid"] = {"passed": sum(c.ok for c in bcases), "total": len(bcases),
+                                        "failures": [c.__dict__ for c in bcases if not c.ok][:20],
+                                        "worst_ratio": max((c.max_err / c.tol for c in bcases if c.tol == c.tol and c.tol > 0),
+                                                           default=0.0)}
+                print(f"{e.name} backward ({e.backward}): {gridcheck.summarize(bcases)}", flush=True)
         else:
             print(f"{e.name}: BUILD FAILED\n{str(err)[-3000:]}", flush=True)
         summary["kernels"][e.name] = rec
@@ -161,6 +174,7 @@ def main(argv=None):
         summary["nbval"] = {"ok": p.returncode == 0, "tail": (p.stdout + p.stderr)[-2000:]}
         print("nbval:", "ok" if p.returncode == 0 else "FAIL", (p.stdout + p.stderr)[-600:], flush=True)
     ok = all(r["build"] == "ok" and r["grid"]["passed"] == r["grid"]["total"]
+             and all(b["passed"] == b["total"] for b in [r.get("backward_grid", {"passed": 0, "total": 0})])
              and r.get("fuzz", {"ok": True})["ok"] and r.get("determinism", {"ok": True})["ok"]
              for r in summary["kernels"].values())
     ok = ok and all(r["ok"] for r in summary["sanitizer"]) and all(r["ok"] for r in summary["notebooks"])
@@ -186,6 +200,9 @@ def format_summary(s) -> str:
         g = r.get("grid")
         san = {x["tool"]: ("ok" if x["ok"] else "FAIL") for x in s["sanitizer"] if x["kernel"] == name}
         grid = f"grid {g['passed']}/{g['total']} (worst {g['worst_ratio']:.2f}x tol)" if g else "grid -"
+        bg = r.get("backward_grid")
+        if bg:
+            grid += f"  backward grid {bg['passed']}/{bg['total']} (worst {bg['worst_ratio']:.2f}x tol)"
         lines.append(f"  {name:22s} build {r['build'][:4]:4s}  {grid}"
                      + "".join(f"  {t} {v}" for t, v in san.items())
                      + (f"  fuzz {r['fuzz']['passed']}/{r['fuzz']['total']}" if "fuzz" in r else "")
