@@ -131,6 +131,7 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D), strides qs
   using C = Cfg<T, D, BN, Q_IN_REGS>;
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ long long row_q[BM];  // element offset of tile row r in q, or -1 past H * Sq rows
+  __shared__ long long row_o[BM];  // ... in o
   __shared__ int row_i[BM];  // its query position i
   const uint32_t sQ = smem_u32(smem);
   const uint32_t sK0 = sQ + C::Q_BYTES, sV0 = sK0 + 2 * C::KV_BYTES;
@@ -155,6 +156,7 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D), strides qs
   {
     const int row = m0 + tid, i = row / H, h = row % H;  // NT == BM: one row per thread
     row_q[tid] = row < H * Sq ? b * qs.b + h * qs.h + i * qs.s : -1;
+    row_o[tid] = row < H * Sq ? b * os.b + h * os.h + i * os.s : -1;
     row_i[tid] = i;
   }
   __syncthreads();
@@ -380,9 +382,9 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D), strides qs
         uint32_t val = Mma<T>::pack(acc_o[mt][n][2 * hf] * inv, acc_o[mt][n][2 * hf + 1] * inv);
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sQ + swz<D>(r, n) + tq * 4), "r"(val));
       }
-      const int m = m0 + r;  // packed row (i, h): lse (B, H, Sq) is contiguous
+      const int m = m0 + r, i = row_i[r];  // packed row (i, h): lse (B, H, Sq) is contiguous
       if (lse && tq == 0 && m < H * Sq)
-        lse[((size_t)b * H + m % H) * Sq + m / H] = l != 0.f ? m_run[mt][hf] * scale + logf(l) : -INFINITY;
+        lse[((size_t)b * H + (m - i * H)) * Sq + i] = l != 0.f ? m_run[mt][hf] * scale + logf(l) : -INFINITY;
     }
   __syncwarp();
   {
@@ -390,9 +392,9 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D), strides qs
     const int c = lane % CH;
 #pragma unroll
     for (int it = 0; it < CH; ++it) {
-      const int r = warp * 32 + lane / CH + it * (32 / CH), m = m0 + r;
-      if (m < H * Sq) {
-        const long long base = b * os.b + (m % H) * os.h + (m / H) * os.s;
+      const int r = warp * 32 + lane / CH + it * (32 / CH);
+      const long long base = row_o[r];
+      if (base >= 0) {
         uint4 val;
         asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
                      : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w) : "r"(sQ + swz<D>(r, c)));
