@@ -152,7 +152,8 @@ class Kernel:
             return launch, dq, dk, dv
         lse = lse.contiguous()
         dlse_arg = dlse.contiguous() if dlse is not None else torch.empty(0, device=q.device)
-        ws = torch.empty(_bwd_workspace(B, H, Sq), dtype=torch.uint8, device=q.device)
+        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        ws = torch.empty(_bwd_workspace(B, H, Sq, Skv, D, causal, num_sms), dtype=torch.uint8, device=q.device)
         from .build import backward_name, load
         mod = load(backward_name(self), self.backward, backward=True)
 
@@ -192,9 +193,22 @@ def _rows_aligned(t) -> bool:
             and all((s * e) % 16 == 0 or n == 1 for s, n in zip(t.stride()[:-1], t.shape[:-1])))
 
 
-def _bwd_workspace(B, H, Sq):
-    """Bytes of the backward kernel's per-row lse (log2 units) and delta, rows padded to 64."""
-    return 2 * 4 * B * H * (-(-Sq // 64) * 64)
+def _bwd_head_groups(B, H, Skv, causal, num_sms):
+    """(G, HG): the head groups of the dK/dV kernel of kernels/07_flash_bwd.cu (its head_groups())."""
+    ctas = B * -(-Skv // 64)
+    G = max(1, min(H, (8 if causal else 2) * num_sms // max(1, ctas)))
+    HG = -(-H // G)
+    return -(-H // HG), HG
+
+
+def _bwd_workspace(B, H, Sq, Skv=0, D=0, causal=False, num_sms=None):
+    """Bytes of the backward kernel's workspace: per-row lse (log2 units) and delta, rows padded to
+    64; plus fp32 dK, dV partials of each head group when it splits the heads (`_bwd_head_groups`)."""
+    if num_sms is None:
+        num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
+            if torch.cuda.is_available() else 132
+    G, _ = _bwd_head_groups(B, H, Skv, causal, num_sms)
+    return 2 * 4 * B * H * (-(-Sq // 64) * 64) + (2 * 4 * G * B * Skv * D if G > 1 else 0)
 
 
 def _decode_workspace(B, H, Sq, Skv, D, dtype, num_splits):

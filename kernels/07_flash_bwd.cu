@@ -10,9 +10,11 @@
 // Three kernels, in stream order, no atomics (so the result is deterministic):
 //   * prep: delta and lse in log2 units per query row, padded to whole row blocks (+inf for
 //     padding and for rows that saw no key, so their P is exactly 0);
-//   * dkdv: one CTA per (64-key tile, batch), 4 warps of 16 keys each. K and V stay in shared
-//     memory while the CTA sweeps every (head, 64-row query block) that sees its keys; Q and dO
-//     blocks are double-buffered by cp.async. Per block a warp computes S^T = K Q^T and
+//   * dkdv: one CTA per (64-key tile, head group, batch), 4 warps of 16 keys each. K and V stay in
+//     shared memory while the CTA sweeps every (head of its group, 64-row query block) that sees its
+//     keys; Q and dO blocks are double-buffered by cp.async. With one group (all H heads) it writes
+//     dK and dV; with several (small B * Skv, or a causal mask: see head_groups) fp32 partials that
+//     a small kernel sums in a fixed order. Per block a warp computes S^T = K Q^T and
 //     dP^T = V dO^T (16 x 64, registers), then dV += P^T dO and dK += dS^T Q with the P^T / dS^T
 //     accumulators fed straight back as A operands (06's register trick), so dK and dV
 //     (16 x D each, fp32) never leave registers until the end;
@@ -180,6 +182,8 @@ struct BwdArgs {
   float scale;
   long long sb, sh, ss;     // element strides of the (B, H, Sq) dims of o, dout and dq (alike)
   long long qsb, qsh, qss;  // ... and of q
+  int G, HG;                // head groups of the dK/dV kernel (HG heads each); G > 1: fp32 partials
+  float *part_k, *part_v;   // workspace: (G, B, Skv, D) each when G > 1
 };
 
 // delta = rowsum(dO * O) - dlse and lse2 = lse * log2(e) per row; padding rows and rows that saw
@@ -236,11 +240,13 @@ __global__ void __launch_bounds__(NT, 2) bwd_dkdv_kernel(const BwdArgs a) {
   float* s_l2 = reinterpret_cast<float*>(smem + 6 * TILE);  // [2][BM]
   float* s_dl = s_l2 + 2 * BM;                               // [2][BM]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
-  const int b = blockIdx.x % a.B, j0 = (blockIdx.x / a.B) * BN;  // low key tiles (most rows) first
+  // CTA (key tile, head group, batch), low key tiles (most rows under a causal mask) first.
+  const int b = blockIdx.x % a.B, grp = (blockIdx.x / a.B) % a.G, j0 = (blockIdx.x / (a.B * a.G)) * BN;
+  const int h0 = grp * a.HG, nh = max(0, min(a.H, h0 + a.HG) - h0);
   const int off = a.Skv - a.Sq, nblk = a.SqP / BM;
   // Query blocks that see any key of this tile: i + off >= j0.
   const int ib0 = a.causal ? max(0, j0 - off) / BM : 0;
-  const int per_h = max(0, nblk - ib0), n_it = a.H * per_h;
+  const int per_h = max(0, nblk - ib0), n_it = nh * per_h;
   const T* kb = static_cast<const T*>(a.k) + (size_t)b * a.Skv * D;
   const T* vb = static_cast<const T*>(a.v) + (size_t)b * a.Skv * D;
   const T* qb = static_cast<const T*>(a.q) + b * a.qsb;
@@ -249,7 +255,7 @@ __global__ void __launch_bounds__(NT, 2) bwd_dkdv_kernel(const BwdArgs a) {
   const float* dlb = a.delta + (size_t)b * a.H * a.SqP;
 
   auto load_block = [&](int it, int buf) {  // iteration it = (head, query block)
-    const int h = it / per_h, i0 = (ib0 + it % per_h) * BM;
+    const int h = h0 + it / per_h, i0 = (ib0 + it % per_h) * BM;
     load_tile<D, BM>(sQ0 + buf * TILE, qb + h * a.qsh, i0, a.Sq, a.qss, tid);
     load_tile<D, BM>(sO0 + buf * TILE, ob + h * a.sh, i0, a.Sq, a.ss, tid);
     if (tid < 2 * BM / 4) {  // 16 chunks of lse2, then 16 of delta (SqP is a multiple of BM: aligned)
@@ -309,9 +315,12 @@ __global__ void __launch_bounds__(NT, 2) bwd_dkdv_kernel(const BwdArgs a) {
   }
   cp_async_wait_all();
 
-  // Epilogue: rows jk[0], jk[1]; columns 8n + 2tq, +1. dK gets the softmax scale here.
+  // Epilogue: rows jk[0], jk[1]; columns 8n + 2tq, +1. dK gets the softmax scale here. One head
+  // group writes dK, dV; several write fp32 partials that bwd_reduce_kernel sums in group order.
   T* dkb = static_cast<T*>(a.dk) + (size_t)b * a.Skv * D;
   T* dvb = static_cast<T*>(a.dv) + (size_t)b * a.Skv * D;
+  float* pkb = a.part_k + ((size_t)grp * a.B + b) * a.Skv * D;
+  float* pvb = a.part_v + ((size_t)grp * a.B + b) * a.Skv * D;
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int j = jk[hf];
@@ -319,10 +328,32 @@ __global__ void __launch_bounds__(NT, 2) bwd_dkdv_kernel(const BwdArgs a) {
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
       const size_t at = (size_t)j * D + 8 * n + 2 * tq;
-      *reinterpret_cast<uint32_t*>(dkb + at) = Mma<T>::pack(dk[n][2 * hf] * a.scale, dk[n][2 * hf + 1] * a.scale);
-      *reinterpret_cast<uint32_t*>(dvb + at) = Mma<T>::pack(dv[n][2 * hf], dv[n][2 * hf + 1]);
+      if (a.G == 1) {
+        *reinterpret_cast<uint32_t*>(dkb + at) = Mma<T>::pack(dk[n][2 * hf] * a.scale, dk[n][2 * hf + 1] * a.scale);
+        *reinterpret_cast<uint32_t*>(dvb + at) = Mma<T>::pack(dv[n][2 * hf], dv[n][2 * hf + 1]);
+      } else {
+        *reinterpret_cast<float2*>(pkb + at) = make_float2(dk[n][2 * hf] * a.scale, dk[n][2 * hf + 1] * a.scale);
+        *reinterpret_cast<float2*>(pvb + at) = make_float2(dv[n][2 * hf], dv[n][2 * hf + 1]);
+      }
     }
   }
+}
+
+// dK, dV = the sum of the G head groups' fp32 partials, in group order (deterministic); 4 columns a thread.
+template <typename T>
+__global__ void __launch_bounds__(256) bwd_reduce_kernel(const BwdArgs a, int D) {
+  const size_t n4 = (size_t)a.B * a.Skv * D / 4, idx = (size_t)blockIdx.x * 256 + threadIdx.x;
+  if (idx >= 2 * n4) return;
+  const bool is_v = idx >= n4;
+  const size_t e = (is_v ? idx - n4 : idx) * 4;
+  const float* part = is_v ? a.part_v : a.part_k;
+  float4 acc = reinterpret_cast<const float4*>(part + e)[0];
+  for (int g = 1; g < a.G; ++g) {
+    const float4 x = reinterpret_cast<const float4*>(part + (size_t)g * a.B * a.Skv * D + e)[0];
+    acc.x += x.x; acc.y += x.y; acc.z += x.z; acc.w += x.w;
+  }
+  T* dst = static_cast<T*>(is_v ? a.dv : a.dk) + e;
+  *reinterpret_cast<uint2*>(dst) = make_uint2(Mma<T>::pack(acc.x, acc.y), Mma<T>::pack(acc.z, acc.w));
 }
 
 // dQ: CTA (query block, head, batch); warp w owns rows i0 + 16w .. +15.
@@ -412,6 +443,18 @@ __global__ void __launch_bounds__(NT, 2) bwd_dq_kernel(const BwdArgs a) {
 }
 #undef LDSM_OFF
 
+// Head groups of the dK/dV kernel. It has one CTA per 64-key tile and batch, too few to fill the
+// GPU when B * Skv is small, and under a causal mask its CTAs are unequal (the first key tile is seen
+// by every query block, the last by one), so the longest CTA sets the time. G groups of HG heads
+// multiply the CTAs by G: up to 2 per SM without a mask, 8 per SM with one (the longest CTAs start
+// first). fastmqa/kernels.py (_bwd_head_groups) computes the same G for the workspace size.
+void head_groups(int B, int H, int Skv, int causal, int num_sms, int& G, int& HG) {
+  const int ctas = B * ((Skv + BN - 1) / BN);
+  G = max(1, min(H, (causal ? 8 : 2) * num_sms / max(1, ctas)));
+  HG = (H + G - 1) / G;
+  G = (H + HG - 1) / HG;
+}
+
 template <typename T, int D>
 int launch(const MQAParams& p) {
   constexpr int TILE = BM * D * 2;
@@ -423,16 +466,25 @@ int launch(const MQAParams& p) {
       return FASTMQA_UNSUPPORTED;
     attr = true;
   }
-  const int SqP = (p.Sq + BM - 1) / BM * BM;
-  const size_t need = 2 * sizeof(float) * (size_t)p.B * p.H * SqP;
-  if (p.workspace == nullptr || p.workspace_bytes < need) return FASTMQA_UNSUPPORTED;
+  const int SqP = (p.Sq + BM - 1) / BM * BM, ntiles = (p.Skv + BN - 1) / BN;
+  int G, HG;
+  head_groups(p.B, p.H, p.Skv, p.causal, p.num_sms, G, HG);
+  const size_t rows_bytes = 2 * sizeof(float) * (size_t)p.B * p.H * SqP;
+  const size_t part_bytes = G > 1 ? 2 * sizeof(float) * (size_t)G * p.B * p.Skv * D : 0;
+  if (p.workspace == nullptr || p.workspace_bytes < rows_bytes + part_bytes) return FASTMQA_UNSUPPORTED;
   BwdArgs a{p.q, p.k, p.v, p.o, p.dout, p.lse, p.dlse, p.dq, p.dk, p.dv,
             static_cast<float*>(p.workspace), nullptr, p.B, p.H, p.Sq, p.Skv, SqP, p.causal, p.scale,
-            p.o_sb, p.o_sh, p.o_ss, p.q_sb, p.q_sh, p.q_ss};
+            p.o_sb, p.o_sh, p.o_ss, p.q_sb, p.q_sh, p.q_ss, G, HG, nullptr, nullptr};
   a.delta = a.lse2 + (size_t)p.B * p.H * SqP;
+  a.part_k = a.delta + (size_t)p.B * p.H * SqP;
+  a.part_v = a.part_k + (size_t)G * p.B * p.Skv * D;
   const int rows = p.B * p.H * SqP;
   bwd_prep_kernel<T, D><<<(rows + 7) / 8, 256, 0, p.stream>>>(a);
-  bwd_dkdv_kernel<T, D><<<((p.Skv + BN - 1) / BN) * p.B, NT, SMEM_KV, p.stream>>>(a);
+  bwd_dkdv_kernel<T, D><<<ntiles * G * p.B, NT, SMEM_KV, p.stream>>>(a);
+  if (G > 1) {
+    const size_t n = 2 * (size_t)p.B * p.Skv * D / 4;
+    bwd_reduce_kernel<T><<<(unsigned)((n + 255) / 256), 256, 0, p.stream>>>(a, D);
+  }
   bwd_dq_kernel<T, D><<<(SqP / BM) * p.H * p.B, NT, SMEM_Q, p.stream>>>(a);
   return 0;
 }
@@ -446,7 +498,8 @@ int by_dim(const MQAParams& p) {
 
 }  // namespace
 
-// Workspace: 2 * B * H * ceil(Sq / 64) * 64 floats (fastmqa/kernels.py: _bwd_workspace).
+// Workspace: 2 * B * H * ceil(Sq / 64) * 64 floats, plus 2 * G * B * Skv * D floats when the dK/dV
+// kernel splits the heads into G > 1 groups (fastmqa/kernels.py: _bwd_workspace).
 int fastmqa_k07_flash_bwd(const MQAParams& p) {
   if (p.B < 1 || p.H < 1 || p.Sq < 1 || p.Skv < 1 || !p.dout || !p.dq || !p.dk || !p.dv) return FASTMQA_UNSUPPORTED;
   if (p.dtype == FASTMQA_BF16) return by_dim<__nv_bfloat16>(p);
