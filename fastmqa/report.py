@@ -164,7 +164,35 @@ def section_layer(d, figs, plt):
     return out
 
 
-SECTIONS = {"fp32": section_fp32, "prefill": section_prefill, "decode": section_decode, "layer": section_layer}
+def section_backward(d, figs, plt):
+    out = ["## Attention backward, bf16: against FlashAttention-2 and cuDNN", "", _header(d), "",
+           "The backward alone (the forward runs once, outside the timed region); TFLOP/s counts 2.5× "
+           "the forward's FLOPs. `fastmqa.torch_bwd` is the same algorithm in torch (fp32), timed where "
+           "its score blocks fit.", ""]
+    ours = sorted({r["impl"] for r in d["rows"] if not r["impl"].startswith(("torch.", "fastmqa."))})
+    combos = sorted({(r["D"], r["causal"]) for r in d["rows"]}, reverse=True)
+    for impl in ours:
+        out += [f"### `{impl}` per point", "",
+                "| D | causal | S | ms | TFLOP/s | FA2 ms | cuDNN ms | vs FA2 | vs cuDNN | vs torch backward |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for D, causal in combos:
+            for r in sorted([r for r in d["rows"] if r["impl"] == impl and r["D"] == D and r["causal"] == causal],
+                            key=lambda r: r["Sq"]):
+                def other(name):
+                    o = [x for x in d["rows"] if x["impl"] == name and x["D"] == D and x["causal"] == causal
+                         and x["Sq"] == r["Sq"]]
+                    return o[0] if o else None
+                fa, cu, tb = other("torch.sdpa_flash"), other("torch.sdpa_cudnn"), other("fastmqa.torch_bwd")
+                out.append(f"| {D} | {causal} | {r['Sq']} | {ms(r['ms'])} | {r['tflops']} | "
+                           f"{ms(fa['ms']) if fa else '-'} | {ms(cu['ms']) if cu else '-'} | "
+                           f"{ratio(fa['ms'], r['ms']) if fa else '-'} | {ratio(cu['ms'], r['ms']) if cu else '-'} | "
+                           f"{ratio(tb['ms'], r['ms']) if tb else '-'} |")
+        out.append("")
+    return out
+
+
+SECTIONS = {"fp32": section_fp32, "prefill": section_prefill, "decode": section_decode, "layer": section_layer,
+            "backward": section_backward}
 
 
 def generate(book_dir: Path, results_dir=None) -> list[Path]:
