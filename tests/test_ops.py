@@ -329,3 +329,82 @@ def test_gpu_backward_kernel_matches_the_torch_backward(dtype, causal):
             err_t = float((leaves_t[("dq", "dk", "dv").index(name)].grad.double().cpu().reshape(a.shape) - ref).abs().max())
             tol = check.MULTIPLE * err_t + check.ATOL[dtype]
             assert err_a <= tol, f"{name} kernel err {err_a:.3e} > tol {tol:.3e} (torch backward err {err_b:.3e})"
+
+
+# -- choosing the backward ------------------------------------------------------------
+def test_select_backward_modes(monkeypatch):
+    assert ops.select_backward(torch.bfloat16, 128, True, "cpu") is None     # CPU: the torch backward
+    monkeypatch.setattr(ops, "BACKWARD", "torch")
+    assert ops.select_backward(torch.bfloat16, 128, True, "cuda") is None
+    monkeypatch.setattr(ops, "BACKWARD", "fast")
+    with pytest.raises(ValueError, match="BACKWARD must be 'auto' or 'torch'"):
+        ops.select_backward(torch.bfloat16, 128, True, "cuda")
+    monkeypatch.setattr(ops, "BACKWARD", "auto")
+    kern = ops.select_backward(torch.bfloat16, 128, True, "cuda")
+    assert kern is not None and kern.backward == "07_flash_bwd.cu" and kern.returns_lse
+    assert ops.select_backward(torch.float32, 128, True, "cuda") is None     # no fp32 backward kernel
+    assert ops.select_backward(torch.bfloat16, 96, True, "cuda") is None     # head dim not supported
+
+
+def test_backward_kernel_that_fails_to_build_falls_back_to_torch(monkeypatch):
+    """As the forward: a backward kernel that cannot build warns once and the torch backward runs."""
+    from fastmqa.build import BuildError
+
+    class Broken:
+        name, backward = "99_broken", "99_broken_bwd.cu"
+
+        def run_backward(self, *a, **k):
+            raise BuildError("nvcc exploded")
+
+    monkeypatch.setattr(ops, "_failed", set())
+    monkeypatch.setattr(ops, "select_backward",
+                        lambda *a: None if "99_broken:bwd" in ops._failed else Broken())
+    q, k, v = qkv(dtype=torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with pytest.warns(RuntimeWarning, match="backward kernel of 99_broken failed to build"):
+        mqa_attention(q, k, v, causal=True).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    attention_ref(*leaves, causal=True).sum().backward()
+    for a, b in zip(grads, leaves):
+        assert torch.allclose(a, b.grad, atol=1e-5)
+    assert "99_broken:bwd" in ops._failed
+
+
+def test_head_groups_match_the_kernel():
+    """fastmqa.kernels._bwd_head_groups sizes the workspace for the launcher's head_groups(): same rule."""
+    from fastmqa.build import KERNELS_DIR
+    text = (KERNELS_DIR / "07_flash_bwd.cu").read_text()
+    assert "(causal ? 8 : 2) * num_sms / max(1, ctas)" in text and "HG = (H + G - 1) / G;" in text
+    assert kernels._bwd_head_groups(16, 32, 1024, True, 132) == (4, 8)       # 256 CTAs -> 4 groups
+    assert kernels._bwd_head_groups(16, 32, 1024, False, 132) == (1, 32)     # one wave already
+    assert kernels._bwd_head_groups(1, 32, 128, False, 132) == (32, 1)       # 2 CTAs -> one per head
+    assert kernels._bwd_head_groups(2, 5, 33, True, 132) == (5, 1)
+    G, HG = kernels._bwd_head_groups(1, 12, 64, False, 8)                     # 16 -> HG 1 ... G covers H
+    assert G * HG >= 12 and (G - 1) * HG < 12
+    ws = kernels._bwd_workspace(2, 4, 65, 100, 64, False, 132)
+    G, _ = kernels._bwd_head_groups(2, 4, 100, False, 132)
+    assert ws == 2 * 4 * 2 * 4 * 128 + (2 * 4 * G * 2 * 100 * 64 if G > 1 else 0)
+
+
+def test_prepare_backward_names_bad_arguments():
+    kern = kernels.get("06_flash_mma")
+    q, k, v = qkv(dtype=torch.bfloat16, D=64)
+    with pytest.raises(ValueError, match="q is on cpu, expected a cuda tensor"):
+        kern.prepare_backward(q, q, k, v, q, torch.zeros(2, 4, 8))
+    with pytest.raises(ValueError, match="has no backward kernel"):
+        kernels.get("02_smem_tiled").prepare_backward(q, q, k, v, q, torch.zeros(2, 4, 8))
+
+
+@gpu
+@needs_cuda
+def test_gpu_backward_kernel_is_deterministic():
+    kern = ops.select_backward(torch.bfloat16, 128, True)
+    for causal, (B, H, S) in ((True, (1, 32, 1000)), (False, (4, 8, 300))):
+        q, k, v = qkv(B=B, H=H, Sq=S, Skv=S, D=128, dtype=torch.bfloat16, device="cuda", seed=S)
+        out, lse = kern(q, k, v, causal=causal, return_lse=True)
+        dout = torch.randn_like(out)
+        first = kern.run_backward(dout, q, k, v, out, lse, causal=causal)
+        for _ in range(3):
+            again = kern.run_backward(dout, q, k, v, out, lse, causal=causal)
+            assert all(torch.equal(a, b) for a, b in zip(first, again))
