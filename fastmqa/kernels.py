@@ -41,6 +41,7 @@ class Kernel:
     suites: tuple = ()              # benchmark suites it appears in
     backward: str | None = None     # file in kernels/ of its backward kernel (same dtypes, head dims)
     strided_q: bool = False         # reads q and o through their strides (views need no copy)
+    backward_prototype: str | None = None  # "module:function" of its backward's numba.cuda prototype
     extra: dict = field(default_factory=dict)
 
     # -- calling -----------------------------------------------------------------
@@ -167,6 +168,12 @@ class Kernel:
         launch()
         return dq, dk, dv
 
+    def backward_prototype_fn(self):
+        if self.backward_prototype is None:
+            return None
+        mod, fn = self.backward_prototype.split(":")
+        return getattr(importlib.import_module(mod), fn)
+
     def prototype_fn(self):
         if self.prototype is None:
             return None
@@ -247,6 +254,7 @@ REGISTRY: list[Kernel] = [
     Kernel("06_flash_mma", "tensor cores: mma.sync m16n8k16, ldmatrix, cp.async, softmax in registers",
            "prefill", "06_flash_mma.cu", "07_tensor_cores", dtypes=(FP16, BF16), returns_lse=True,
            backward="07_flash_bwd.cu", strided_q=True,
+           backward_prototype="fastmqa.prototypes.flash_bwd:mqa_flash_bwd",
            prototype="fastmqa.prototypes.flash:mqa_flash_tiled", suites=("prefill",)),
     # --- decode over a KV cache ---------------------------------------------------------
     Kernel("10_decode", "decode: all heads share each K/V tile, split-KV over CTAs + combine", "decode",

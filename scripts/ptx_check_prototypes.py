@@ -70,6 +70,11 @@ def record(out_path):
                 q = torch.randn(1, 2, 5, D, generator=g)
                 kv = torch.randn(1, 1, 7, D, generator=g)
                 fn(q, kv, kv.clone(), causal=causal)
+                bwd = k.backward_prototype_fn()
+                if bwd is not None:  # the backward's prototype, with a gradient reaching lse
+                    from fastmqa.reference import attention_ref
+                    out, lse = attention_ref(q, kv, kv, causal=causal, return_lse=True)
+                    bwd(torch.randn_like(q), q, kv, kv.clone(), out, lse, torch.randn_like(lse), causal=causal)
     Path(out_path).write_text(json.dumps([list(k[:2]) + [list(k[2])] for k in seen]))
     print(f"recorded {len(seen)} kernel signatures")
 
