@@ -49,7 +49,7 @@ def test_no_gpu_in_process(capsys):
 
 # -- usage errors (any machine) ----------------------------------------------------------
 USAGE = [
-    (bench.main, ["nosuch"], "unknown suite 'nosuch'; choose from fp32, prefill, decode, layer or 'all'"),
+    (bench.main, ["nosuch"], "unknown suite 'nosuch'; choose from fp32, prefill, decode, layer, backward or 'all'"),
     (bench.main, ["fp32", "fp64"], "unknown suite 'fp64'"),
     (bench.main, [], "the following arguments are required: SUITE"),
     (bench.main, ["fp32", "--bogus"], "unrecognized arguments: --bogus"),
