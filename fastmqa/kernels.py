@@ -192,6 +192,12 @@ def empty_bshd(q, dtype=None):
     return torch.empty((B, Sq, H, D), dtype=dtype or q.dtype, device=q.device).transpose(1, 2)
 
 
+def bshd_strides(shape) -> tuple:
+    """The strides `empty_bshd` gives a (B, H, Sq, D) tensor."""
+    B, H, Sq, D = shape
+    return (Sq * H * D, D, H * D, 1)
+
+
 def _rows_aligned(t) -> bool:
     """t's rows can be read in 16-byte chunks where they lie: unit stride in the head dim, other
     strides and the start address multiples of 16 bytes."""

@@ -140,9 +140,8 @@ def _like(q, t):
     """t in the (B, Sq, H, D) memory layout (`kernels.empty_bshd`) that the fake implementations
     promise: a deterministic layout from the shape alone, the one a layer's projections have, so
     the transpose back to (B, S, hidden) is free. Kernels that write it cost no copy here."""
-    from .kernels import empty_bshd
-    like = empty_bshd(q, dtype=t.dtype)
-    return t if like.stride() == t.stride() else like.copy_(t)
+    from .kernels import bshd_strides, empty_bshd
+    return t if t.stride() == bshd_strides(t.shape) else empty_bshd(q, dtype=t.dtype).copy_(t)
 
 
 mqa_fwd = torch.library.custom_op("fastmqa::mqa_fwd", mqa_fwd_impl, mutates_args=())
