@@ -117,7 +117,7 @@ class Kernel:
         """The backward kernel's (launch, dq, dk, dv) for gradients of this kernel's forward:
         q, dout, out (B, H, Sq, D); k, v (B, 1, Skv, D) or (B, Skv, D); lse (B, H, Sq) float32 from
         the forward (return_lse=True); dlse: the gradient reaching lse, or None. dq comes back in
-        the (B, Sq, H, D) layout (`empty_bshd`), dk, dv as (B, Skv, D), in k's dtype."""
+        the (B, Sq, H, D) layout (`empty_bshd`), dk, dv as (B, Skv, D); all in q's dtype."""
         if self.backward is None:
             raise ValueError(f"kernel {self.name} has no backward kernel")
         B, H, Sq, Skv, D, _ = validate.check_qkv(q, k, v, kv_heads=1)
