@@ -160,6 +160,14 @@ def cuda_flags() -> list[str]:
             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__", *arch_flags()]
 
 
+def binding_source(fn: str, uses_cublas: bool = False, backward: bool = False, strided: bool = False) -> str:
+    """The C++ torch binding `load` compiles for launcher `fastmqa_<fn>` (scripts/compile_kernels.sh
+    compile-checks it in CI): `run` for a forward kernel, `run_bwd` for a backward kernel."""
+    src = _BINDING_BWD if backward else _BINDING
+    return (src.replace("{fn}", fn).replace("{blas}", _BLAS if uses_cublas else "")
+            .replace("{strided}", "true" if strided else "false"))
+
+
 def load(name: str, source: str, uses_cublas: bool = False, verbose: bool = False, defines=(), symbol=None,
          backward: bool = False, strided: bool = False):
     """Build (or load from the cache) the extension for kernel `name` from kernels/`source`.
@@ -175,8 +183,7 @@ def load(name: str, source: str, uses_cublas: bool = False, verbose: bool = Fals
     from torch.utils.cpp_extension import load_inline
     fn = symbol or name_to_symbol(name)
     cu = (KERNELS_DIR / source).read_text()
-    cpp = (_BINDING_BWD if backward else _BINDING).replace("{fn}", fn).replace("{blas}", _BLAS if uses_cublas else "").replace(
-        "{strided}", "true" if strided else "false")
+    cpp = binding_source(fn, uses_cublas, backward, strided)
     extensions_dir()
     os.environ.setdefault("MAX_JOBS", "2")
     try:

@@ -25,12 +25,14 @@ for f in kernels/*.cu; do
     echo "FAILED to compile $f"; fail=1
   fi
 done
-# The binding fastmqa.build generates (with the cuBLAS line, a superset of every kernel's).
+# The bindings fastmqa.build generates, in one translation unit (torch/extension.h is the slow part):
+# the forward's (with the cuBLAS line and strides, a superset of every kernel's) and the backward's.
 python3 - > /tmp/fastmqa_binding.cpp <<'PY'
 import importlib.util, pathlib
 spec = importlib.util.spec_from_file_location("b", pathlib.Path("fastmqa/build.py"))
 b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)
-print(b._BINDING.replace("{fn}", "kcheck").replace("{blas}", b._BLAS))
+print(b.binding_source("kcheck", uses_cublas=True, strided=True))
+print(b.binding_source("kcheck", backward=True))
 PY
 PYINC=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 if g++ -fsyntax-only -std=c++20 -DTORCH_EXTENSION_NAME=check -I$CACHE/torch/include \
