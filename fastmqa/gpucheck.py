@@ -87,7 +87,8 @@ def run_notebooks(paths, timeout=600):
         except Exception as e:
             ok, msg = False, f"{type(e).__name__}: {str(e)[-800:]}"
         nbformat.write(nb, p)
-        res.append({"notebook": str(Path(p).relative_to(ROOT)), "ok": ok, "seconds": round(time.time() - t0, 1), "error": msg})
+        res.append({"notebook": str(Path(p).resolve().relative_to(ROOT)), "ok": ok, "seconds": round(time.time() - t0, 1),
+                    "error": msg})
         print(f"notebook {p}: {'ok' if ok else 'FAIL'} ({time.time() - t0:.0f} s) {msg[:300]}", flush=True)
     return res
 
