@@ -180,3 +180,21 @@ def test_committed_results_are_valid():
         data = json.loads(p.read_text())
         if "rows" in data and "ceilings" in data:      # benchmark suites (gpucheck.json has its own shape)
             bench.validate_results(data)
+
+
+def test_run_notebooks_takes_relative_paths(tmp_path, monkeypatch):
+    """gpucheck.run_notebooks executes in place and reports each notebook relative to the repo,
+    given an absolute or a relative path (a relative one crashed after executing, on the GPU host)."""
+    import nbformat
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 6 * 7\nprint(x)")])
+    (tmp_path / "notebooks").mkdir()
+    path = tmp_path / "notebooks" / "tiny.ipynb"
+    nbformat.write(nb, str(path))
+    monkeypatch.setattr(gpucheck, "ROOT", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for p in ("notebooks/tiny.ipynb", str(path)):
+        [res] = gpucheck.run_notebooks([p], timeout=120)
+        assert res["ok"], res["error"]
+        assert res["notebook"] == "notebooks/tiny.ipynb"
+    out = nbformat.read(str(path), as_version=4).cells[0].outputs
+    assert out and "42" in out[0]["text"]
