@@ -349,6 +349,7 @@ def suite_backward(timer, quick=False):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from . import ops
+    from .build import backward_name
     rows, skipped = [], []
     ours = [k for k in registry.REGISTRY if k.backward]
     seqs = [512, 2048] if quick else [512, 1024, 2048, 4096, 8192, 16384]
@@ -359,9 +360,8 @@ def suite_backward(timer, quick=False):
                 "torch.sdpa_efficient": (SDPBackend.EFFICIENT_ATTENTION, True)}
 
     def row(impl, ms, *args):
-        r = _row(impl, "prefill", *args, ms, pass_="bwd")
+        r = _row(impl, "prefill", *args, ms, **{"pass": "bwd"})
         r["tflops"] = round(2.5 * r["tflops"], 3)
-        r["pass"] = r.pop("pass_")
         return r
 
     for dtype, B, H, S, D, causal in pts:
@@ -374,7 +374,7 @@ def suite_backward(timer, quick=False):
                 continue
             o, lse = kern(q, k, v, causal=causal, return_lse=True)
             launch = kern.prepare_backward(dout, q, k, v, o, lse, causal=causal)[0]
-            rows.append(row(kern.backward.replace(".cu", ""), timer(launch), *point))
+            rows.append(row(backward_name(kern), timer(launch), *point))
             if B * H * S * S * 4 <= 2**33:  # the torch backward holds blocks of fp32 scores
                 scale = 1.0 / D ** 0.5
                 fn = lambda: ops.mqa_bwd_impl(dout, q, k.view(B, S, D), v.view(B, S, D), o, lse, None, causal, scale)

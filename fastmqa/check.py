@@ -55,19 +55,38 @@ def compare(out, q, k, v, causal=False, scale=None, seqlens=None, torch_out=None
                 torch.backends.cuda.matmul.allow_tf32 = prev
         else:
             torch_out = attention_ref(q, k, v, causal=causal, scale=scale, seqlens=seqlens)
+    return rule(out, torch_out, ref, q.dtype, what)
+
+
+def rule(out, torch_out, ref, dtype, what="kernel"):
+    """The tolerance rule on tensors already computed: `out` and PyTorch's same-dtype `torch_out`
+    against the float64 `ref` (any devices; compared in float64 on the CPU)."""
     out64 = out.detach().double().cpu()
     if out64.shape != ref.shape:
         raise ToleranceError(f"{what}: output shape {tuple(out64.shape)} != reference {tuple(ref.shape)}")
     nan = bool(torch.isnan(out64).any())
     diff = (out64 - ref).abs()
     max_err = float(diff.max()) if diff.numel() else 0.0
-    torch_err = float((torch_out.detach().double().cpu() - ref).abs().max()) if diff.numel() else 0.0
-    tol = MULTIPLE * torch_err + ATOL.get(q.dtype, 1e-6)
+    torch_err = float((torch_out.detach().double().cpu().reshape(ref.shape) - ref).abs().max()) if diff.numel() else 0.0
+    tol = MULTIPLE * torch_err + ATOL.get(dtype, 1e-6)
     where = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0]) if diff.numel() and not nan else None
     rnorm = float(ref.norm())
     rel = float((out64 - ref).norm()) / rnorm if rnorm > 0 else float((out64 - ref).norm())
     return CheckResult(ok=(not nan) and max_err <= tol, max_err=max_err, torch_err=torch_err,
                        tol=tol, rel_err=rel, where=where, nan=nan)
+
+
+def grads(fn, q, k, v, dout, dtype, device, dlse=None):
+    """[dq, dk, dv] of fn(q, k, v) for the upstream gradient dout (and dlse, when fn returns
+    (out, lse)), with fresh leaves of dtype on device: the gradients every gradient check compares."""
+    leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
+    res = fn(*leaves)
+    if dlse is None:
+        res.backward(dout.to(device=device, dtype=dtype))
+    else:
+        torch.autograd.backward(list(res), [dout.to(device=device, dtype=res[0].dtype),
+                                            dlse.to(device=device, dtype=res[1].dtype)])
+    return [t.grad for t in leaves]
 
 
 def assert_close(out, q, k, v, causal=False, scale=None, seqlens=None, what="kernel", **kw):

@@ -101,12 +101,6 @@ def summarize(cases) -> str:
 
 
 # -- the backward kernels ----------------------------------------------------------------
-def _grads(fn, q, k, v, dout, device, dtype):
-    leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
-    fn(*leaves).backward(dout.to(device=device, dtype=dtype))
-    return [t.grad for t in leaves]
-
-
 def run_backward_grid(kernel, device="cuda", quick=False, seed=0, verbose=False):
     """Check the gradients of `kernel`'s backward kernel over the prefill grid.
 
@@ -114,7 +108,7 @@ def run_backward_grid(kernel, device="cuda", quick=False, seed=0, verbose=False)
     random upstream gradient; each is compared under the tolerance rule with the float64
     autograd of the reference, against the error of PyTorch's own autograd of the reference in
     the same dtype on the same device. Returns GridCase rows named '<kernel>:dq' etc."""
-    from .check import ATOL, MULTIPLE
+    from .check import grads, rule
     from .reference import attention_ref
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -129,19 +123,13 @@ def run_backward_grid(kernel, device="cuda", quick=False, seed=0, verbose=False)
             ours = kernel.run_backward(dout, q, k, v, o, lse, causal=causal)
             if device == "cuda":
                 torch.cuda.synchronize()
-            ref = _grads(lambda *a: attention_ref(*a, causal=causal), q.cpu(), k.cpu(), v.cpu(), dout.cpu(),
-                         "cpu", torch.float64)
-            theirs = _grads(lambda *a: attention_ref(*a, causal=causal), q, k, v, dout, device, dtype)
+            ref_fn = lambda *a: attention_ref(*a, causal=causal)
+            ref = grads(ref_fn, q, k, v, dout, torch.float64, "cpu")
+            theirs = grads(ref_fn, q, k, v, dout, dtype, device)
             for gname, g, t, r in zip(("dq", "dk", "dv"), ours, theirs, ref):
-                r = r.reshape(g.shape)
-                g64, t64 = g.double().cpu(), t.double().cpu().reshape(g.shape)
-                nan = bool(torch.isnan(g64).any())
-                err = float((g64 - r).abs().max()) if r.numel() else 0.0
-                terr = float((t64 - r).abs().max()) if r.numel() else 0.0
-                tol = MULTIPLE * terr + ATOL[dtype]
-                ok = not nan and err <= tol
-                msg = "" if ok else f"{gname}: max err {err:.3e} vs tol {tol:.3e} (torch err {terr:.3e})" + (" NaN" if nan else "")
-                out.append(GridCase(f"{kernel.name}:{gname}", name, B, H, Sq, Skv, D, causal, ok, err, tol, msg))
+                c = rule(g, t, r.reshape(g.shape), dtype, what=gname)
+                msg = "" if c.ok else f"{gname}: {c}" + (" NaN" if c.nan else "")
+                out.append(GridCase(f"{kernel.name}:{gname}", name, B, H, Sq, Skv, D, causal, c.ok, c.max_err, c.tol, msg))
         except Exception as e:  # a crash fails the case, reported with the rest
             out.append(GridCase(f"{kernel.name}:bwd", name, B, H, Sq, Skv, D, causal, False, float("nan"),
                                 float("nan"), f"{type(e).__name__}: {e}"))

@@ -287,16 +287,12 @@ def forward(Q, K, V):
 def gradient_errors(q, k, v, causal=False, seed=0):
     """Max |grad - fp64 grad| of `mqa_attention` and of PyTorch's own same-dtype autograd of
     the reference, for q, k, v, with one random upstream gradient. Returns {name: (ours, torch)}."""
+    from .check import grads
     g = torch.Generator(device="cpu").manual_seed(seed)
     dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
-
-    def grads(fn, dtype, device):
-        leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
-        fn(*leaves).backward(dout.to(device=device, dtype=dtype))
-        return [t.grad.double().cpu() for t in leaves]
-
-    ref = grads(lambda *a: attention_ref(*a, causal=causal), torch.float64, "cpu")
-    ours = grads(lambda *a: mqa_attention(*a, causal=causal), q.dtype, q.device)
-    theirs = grads(lambda *a: attention_ref(*a, causal=causal), q.dtype, q.device)
+    ref_fn = lambda *a: attention_ref(*a, causal=causal)
+    ref = grads(ref_fn, q, k, v, dout, torch.float64, "cpu")
+    ours = [t.double().cpu() for t in grads(lambda *a: mqa_attention(*a, causal=causal), q, k, v, dout, q.dtype, q.device)]
+    theirs = [t.double().cpu() for t in grads(ref_fn, q, k, v, dout, q.dtype, q.device)]
     return {name: (float((o - r).abs().max()), float((t - r).abs().max()))
             for name, o, t, r in zip(("dq", "dk", "dv"), ours, theirs, ref)}

@@ -21,11 +21,8 @@ SHAPES = [(1, 1, 1, 1, 8, 1), (2, 3, 5, 7, 8, 1), (1, 2, 7, 3, 8, 2), (1, 4, 20,
 
 
 def _grads(q, k, v, dout, dlse, causal, dtype):
-    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-    o, l = attention_ref(*leaves, causal=causal, return_lse=True)
-    torch.autograd.backward([o, l] if dlse is not None else [o],
-                            [dout.to(dtype), dlse.to(dtype)] if dlse is not None else [dout.to(dtype)])
-    return [t.grad for t in leaves]
+    return check.grads(lambda *a: attention_ref(*a, causal=causal, return_lse=dlse is not None),
+                       q, k, v, dout, dtype, "cpu", dlse=dlse)
 
 
 @pytest.mark.parametrize("causal", [False, True])
