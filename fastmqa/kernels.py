@@ -98,9 +98,9 @@ class Kernel:
             return launch, o, lse
         # Oddly strided inputs are made contiguous (documented): kernels assume dense rows.
         if not strided:
-            q = q.contiguous()
-        k = k.reshape(B, Skv, D).contiguous()
-        v = v.reshape(B, Skv, D).contiguous()
+            q = _aligned(q.contiguous())
+        k = _aligned(k.reshape(B, Skv, D).contiguous())
+        v = _aligned(v.reshape(B, Skv, D).contiguous())
         ws_bytes = self.workspace(B, H, Sq, Skv, D, q.dtype, num_splits) if self.workspace else 0
         ws = torch.empty(ws_bytes, dtype=torch.uint8, device=q.device)
         lens = cache_seqlens if cache_seqlens is not None else torch.empty(0, dtype=torch.int32, device=q.device)
@@ -137,14 +137,15 @@ class Kernel:
                 raise ValueError(f"dlse must have shape {(B, H, Sq)}, got {tuple(dlse.shape)}")
         validate.check_index_range(B, H, Sq, Skv, D)
         scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-        k = k.reshape(B, Skv, D).contiguous()
-        v = v.reshape(B, Skv, D).contiguous()
+        k = _aligned(k.reshape(B, Skv, D).contiguous())
+        v = _aligned(v.reshape(B, Skv, D).contiguous())
         # q is read where it lies (16-byte rows); out, dout and dq share the (B, Sq, H, D) layout
         # of the forward's output (`empty_bshd`): a layer's views need no copy.
         if not _rows_aligned(q):
-            q = q.contiguous()
+            q = _aligned(q.contiguous())
         dq = empty_bshd(q)
-        out, dout = (t if t.stride() == dq.stride() else empty_bshd(q).copy_(t) for t in (out, dout))
+        out, dout = (t if t.stride() == dq.stride() and t.data_ptr() % 16 == 0 else empty_bshd(q).copy_(t)
+                     for t in (out, dout))
         dk = torch.empty((B, Skv, D), dtype=q.dtype, device=q.device)
         dv = torch.empty((B, Skv, D), dtype=q.dtype, device=q.device)
         if dq.numel() == 0 or Skv == 0:
@@ -196,6 +197,12 @@ def bshd_strides(shape) -> tuple:
     """The strides `empty_bshd` gives a (B, H, Sq, D) tensor."""
     B, H, Sq, D = shape
     return (Sq * H * D, D, H * D, 1)
+
+
+def _aligned(t):
+    """t, or a copy of it when its start address is not a multiple of 16 bytes (a contiguous view
+    at an odd offset): the kernels read rows in 16-byte chunks and by bulk copies."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _rows_aligned(t) -> bool:

@@ -6,15 +6,22 @@
 //   * One CTA serves 32 query rows of a sequence: all H·Sq of them for 32 heads and one token
 //     (q[b] is one (H·Sq, D) matrix, row = h·Sq + i), so each K/V element is read once, not once
 //     per head. More rows take more row blocks, which re-read the tile from L2.
-//   * Tiles of 64 keys (34 KB of K and V) arrive by 16-byte cp.async, 4 stages deep: 3 tiles in
-//     flight (bandwidth x latency wants ~100 KB per SM); 149 KB of shared memory, one CTA per SM.
-//     On the H100, 3 stages (2 CTAs per SM) measured up to 28% slower, and 3% faster only at
-//     B = 1, S = 32k (results/decode_dev.json).
-//   * Within a CTA the keys are split too: warp w owns keys [16w, 16w+16) of every tile and keeps
-//     its own running max m, sum l and output O (32 rows x D, fp32) in registers. S = Q K^T and
-//     O += P V use mma.sync m16n8k16; the S accumulators are already P's A operand, so a tile costs
-//     one barrier and no shared-memory round trip. At the end the 4 warps' (m, l, O) are merged
-//     through shared memory.
+//   * Tiles of 64 keys (33 KB of K and V) arrive by 16-byte cp.async, 3 stages deep: 2 tiles in
+//     flight while one is used; 106 KB of shared memory and 8 warps of ~170 registers: one CTA
+//     per SM. Measured on the H100 (results/decode_dev.json): 4 stages were no faster; two CTAs
+//     per SM (registers capped at 128 by __launch_bounds__, a few spills) 15-25% slower; moving the
+//     tiles with the bulk copy engine (FASTMQA_DECODE_BULK=1) no faster than cp.async.
+//   * Tiles are stored in blocks of 8 keys (8·D contiguous elements, one bulk copy) padded by 16
+//     bytes. An ldmatrix reads 8 rows at one column: taking them from 8 different blocks (keys
+//     8n + c, n = 0..7) puts them in 8 different bank groups without padding every row.
+//   * Within a CTA the keys are split too: the 8 warps form 4 key groups x 2 row halves. Warp w
+//     owns keys {8n + 2(w%4), 8n + 2(w%4) + 1 : n = 0..7} of every tile and query rows
+//     [16(w/4), 16(w/4)+16), and keeps its own running max m, sum l and output O (16 rows x D,
+//     fp32) in registers, with its Q fragments. S = Q K^T and O += P V use mma.sync m16n8k16; the
+//     S accumulators are already P's A operand, so a tile costs one barrier and no shared-memory
+//     round trip. At the end the 4 key groups' (m, l, O) are merged through shared memory. (The
+//     first version had 4 warps, each with all 32 rows: one warp per scheduler, whose dependent
+//     mma chains nobody hid; 8 warps measured 3-10% faster. FASTMQA_DECODE_WARPS=4 builds it.)
 //   * Split-KV: with B·H·Sq small (B = 1 is one CTA!) the 132 SMs would sit idle, so each sequence
 //     is cut into `splits` chunks of whole tiles, one CTA each, which write a normalised partial
 //     output and its log-sum-exp to the workspace; a second kernel combines them (launched with
@@ -24,173 +31,202 @@
 #include "decode_common.cuh"  // PTX wrappers, the KV pipeline, split weights, choose_splits, the launcher
 
 #ifndef FASTMQA_DECODE_STAGES
-#define FASTMQA_DECODE_STAGES 4  // scripts/dev_decode.py builds other depths with -D to compare
+#define FASTMQA_DECODE_STAGES 3  // scripts/dev_decode.py builds other depths with -D to compare
+#endif
+#ifndef FASTMQA_DECODE_BULK
+#define FASTMQA_DECODE_BULK 0  // 1: K/V tiles by the bulk copy engine (one copy per 8-key block); 0: 16-byte cp.async
+#endif
+#ifndef FASTMQA_DECODE_WARPS
+#define FASTMQA_DECODE_WARPS 8   // 4: one warp per key group owns all 32 rows (the first version)
 #endif
 
 namespace {
 
 constexpr int kMaxSplits = 128;  // the combine keeps one weight a split in shared memory
 
-template <int D_, int STAGES_>
+// KG = 4 key groups of KW = 16 keys make a tile of N = 64 keys; W / KG warps share a key group
+// along the rows: with W = 8 warp w owns m-tile w / 4 (16 rows) of key group w % 4. Key group kg
+// is keys 8n + 2kg (column n of its S n8-tile 0) and 8n + 2kg + 1 (n8-tile 1), n = 0..7.
+template <int D_, int STAGES_, int W_>
 struct Cfg {
-  static constexpr int D = D_, STAGES = STAGES_, W = 4, THREADS = 32 * W;
-  static constexpr int MB = 32, KW = 16, N = W * KW, CH = D / 8;  // rows per CTA, keys per warp / tile
-  // Row pitches padded by 16 bytes: the 8 rows one ldmatrix reads start in different bank groups.
-  static constexpr int LD = D + 8, LDO = D + 8;
+  static constexpr int D = D_, STAGES = STAGES_, W = W_, THREADS = 32 * W;
+  static constexpr int MB = 32, KW = 16, KG = 4, N = KG * KW, CH = D / 8;  // rows per CTA, keys per warp / tile
+  static constexpr int WM = W / KG, MTW = MB / 16 / WM;  // warps along the rows; m-tiles per warp
+  static_assert(W % KG == 0 && MTW * WM * 16 == MB, "warps must tile 32 rows x 4 key groups");
+  // K/V tiles in blocks of BR = 8 keys, each padded by 16 bytes: key r of a tile at row(r).
+  // Q's and the merge buffer's rows are padded by 16 bytes instead.
+  static constexpr int BR = 8, BS = BR * D + 8, tile_elems = N / BR * BS, LD = D + 8, LDO = D + 8;
+  __host__ __device__ static constexpr int row(int r) { return r / BR * BS + r % BR * D; }
   static_assert((N * CH) % THREADS == 0 && (MB * CH) % THREADS == 0, "loads must divide evenly over threads");
-  static constexpr size_t kv_tile = size_t(N) * LD * 2;           // bytes of one K (or V) tile
-  static constexpr size_t obuf = size_t(W) * MB * LDO * 4;        // the warps' outputs, merged at the end
+  static constexpr size_t kv_tile = size_t(tile_elems) * 2;       // bytes of one K (or V) tile
+  static constexpr size_t obuf = size_t(KG) * MB * LDO * 4;       // the key groups' outputs, merged at the end
   __host__ __device__ static size_t pipe(bool kv_same) { size_t p = STAGES * kv_tile * (kv_same ? 1 : 2); return p > obuf ? p : obuf; }
-  static size_t smem(bool kv_same) { return pipe(kv_same) + size_t(MB) * LD * 2 + 2 * W * MB * 4; }
+  static size_t smem(bool kv_same) { return pipe(kv_same) + size_t(MB) * LD * 2 + 2 * KG * MB * 4 + STAGES * 8; }
 };
 
 template <typename T, class C>
 __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
   asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may get scheduled now
-  constexpr int D = C::D, N = C::N, LD = C::LD, MB = C::MB, NT = D / 8;
+  constexpr int D = C::D, N = C::N, LD = C::LD, MB = C::MB, NT = D / 8, MTW = C::MTW, KG = C::KG;
+  constexpr bool kQReg = MTW == 1;  // one m-tile a warp: Q's fragments stay in registers (32 of them)
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int rb = blockIdx.x % a.RB, split = blockIdx.x / a.RB, b = blockIdx.y;
   const int row0 = rb * MB, rows = min(MB, a.M - row0), mt_n = (rows + 15) / 16;
-  const KVChunk<T, C> kv(a, b, split, reinterpret_cast<T*>(smem));  // keys [k0, k1); STAGES of K (and V) tiles
-  const int len = kv.len, k0 = kv.k0, k1 = kv.k1, ntiles = kv.ntiles;
-  float* Obuf = reinterpret_cast<float*>(smem);                         // (W, MB, LDO), after the loop
+  const int kg = warp % KG, mt0 = warp / KG * MTW;  // this warp's key group and first m-tile
+  float* Obuf = reinterpret_cast<float*>(smem);                         // (KG, MB, LDO), after the loop
   T* Qs = reinterpret_cast<T*>(smem + C::pipe(a.kv_same));              // (MB, LD)
-  float *stat_m = reinterpret_cast<float*>(Qs + MB * LD), *stat_l = stat_m + C::W * MB;
-  kv.start(Qs, static_cast<const T*>(a.q) + (size_t(b) * a.M + row0) * D, rows);  // Q and the first tiles
+  float *stat_m = reinterpret_cast<float*>(Qs + MB * LD), *stat_l = stat_m + KG * MB;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(stat_l + KG * MB);       // (STAGES) mbarriers, BULK
+  // Keys [k0, k1) of the sequence, STAGES of K (and V) tiles; the constructor issues Q's loads.
+  const KVChunk<T, C, FASTMQA_DECODE_BULK> kv(a, b, split, reinterpret_cast<T*>(smem), Qs,
+                                              static_cast<const T*>(a.q) + (size_t(b) * a.M + row0) * D, rows, bars);
+  const int len = kv.len, k0 = kv.k0, k1 = kv.k1, ntiles = kv.ntiles;
+  kv.start();  // the first tiles
 
-  // This thread's rows are mt·16 + g + 8·hr; causal: row i sees keys j <= i + len - Sq.
-  int jmax[2][2];
-  float m[2][2], l[2][2];  // running max (log2 units) and this thread's part of the running sum
+  // This thread's rows are (mt0 + i)·16 + g + 8·hr; causal: row r sees keys j <= r % Sq + len - Sq.
+  int jmax[MTW][2];
+  float m[MTW][2], l[MTW][2];  // running max (log2 units) and this thread's part of the running sum
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+  for (int i = 0; i < MTW; ++i)
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      const int i = (row0 + mt * 16 + g + 8 * hr) % a.Sq;
-      jmax[mt][hr] = a.causal ? min(k1 - 1, i + len - a.Sq) : k1 - 1;
-      m[mt][hr] = -INFINITY; l[mt][hr] = 0.f;
+      const int r = (row0 + (mt0 + i) * 16 + g + 8 * hr) % a.Sq;
+      jmax[i][hr] = a.causal ? min(k1 - 1, r + len - a.Sq) : k1 - 1;
+      m[i][hr] = -INFINITY; l[i][hr] = 0.f;
     }
-  float oacc[2][NT][4] = {};
-  const int kw = warp * C::KW;  // this warp's keys within each tile
+  float oacc[MTW][NT][4] = {};
+  uint32_t qreg[kQReg ? D / 16 : 1][4];
+  const bool active = mt0 < mt_n;    // (warp-uniform) the warp has rows; else it only helps load
 
   for (int t = 0; t < ntiles; ++t) {
-    cp_async_wait<C::STAGES - 2>();          // all but the newest STAGES-2 groups: tile t is here
+    kv.wait(t);                              // tile t is here for this thread,
     __syncthreads();                         // ... for every thread, and every warp is done with t-1,
-    if (t + C::STAGES - 1 < ntiles) kv.load(t + C::STAGES - 1);  // so t-1's stage takes a new tile
-    cp_async_commit();
+    kv.next(t);                              // so t-1's stage takes tile t + STAGES - 1
     const T* ks = kv.tile(t);
-    const T* vs = a.kv_same ? ks : ks + N * LD;
-    const int j0 = k0 + t * N + kw;          // this warp's first key
-    if (j0 >= k1) continue;                  // (warp-uniform) all its keys lie past the chunk
+    const T* vs = a.kv_same ? ks : ks + C::tile_elems;
+    const int tb = k0 + t * N;               // the tile's first key; the warp's keys are tb + 8n + 2kg (+1)
+    if (tb + 2 * kg >= k1 || !active) continue;  // (warp-uniform) all its keys lie past the chunk
+    if (kQReg && t == 0) {                   // Q arrived with tile 0
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        ldsm_x4(qreg[kk], Qs + (mt0 * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + kk * 16 + 8 * (lane / 16));
+    }
 
     // S = Q K^T for the warp's 16 keys: ldmatrix of K rows gives the mma's "col" B operand directly.
-    float s[2][2][4] = {};
+    // Column n of n8-tile nt is key 8n + 2kg + nt of the tile (strided: one key from each block).
+    // Even and odd k-steps accumulate apart: two dependent chains of D/32 mma instead of one of D/16.
+    float s[MTW][2][4] = {}, s2[MTW][2][4] = {};
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t kb[4];
-      ldsm_x4(kb, ks + (kw + (lane % 8) + 8 * (lane / 16)) * LD + kk * 16 + 8 * ((lane / 8) % 2));
+      ldsm_x4(kb, ks + C::row(8 * (lane % 8) + 2 * kg + lane / 16) + kk * 16 + 8 * ((lane / 8) % 2));
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        if (mt >= mt_n) continue;
+      for (int i = 0; i < MTW; ++i) {
+        if (mt0 + i >= mt_n) continue;
         uint32_t qa[4];
-        ldsm_x4(qa, Qs + (mt * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + kk * 16 + 8 * (lane / 16));
-        Elem<T>::mma(s[mt][0], qa, kb[0], kb[1]);
-        Elem<T>::mma(s[mt][1], qa, kb[2], kb[3]);
+        if (kQReg) { qa[0] = qreg[kk][0]; qa[1] = qreg[kk][1]; qa[2] = qreg[kk][2]; qa[3] = qreg[kk][3]; }
+        else ldsm_x4(qa, Qs + ((mt0 + i) * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + kk * 16 + 8 * (lane / 16));
+        if (kk % 2 == 0) { Elem<T>::mma(s[i][0], qa, kb[0], kb[1]); Elem<T>::mma(s[i][1], qa, kb[2], kb[3]); }
+        else { Elem<T>::mma(s2[i][0], qa, kb[0], kb[1]); Elem<T>::mma(s2[i][1], qa, kb[2], kb[3]); }
       }
     }
     // Online softmax in registers: a row's 16 scores sit in the 4 lanes of a quad, 4 each.
-    uint32_t pa[2][4];
+    uint32_t pa[MTW][4];
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-      if (mt >= mt_n) continue;
+    for (int i = 0; i < MTW; ++i) {
+      if (mt0 + i >= mt_n) continue;
       float alpha[2];
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         float x[4], mx = -INFINITY;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {  // key j0 + 8·(e/2) + 2·t4 + e%2
-          const int j = j0 + 8 * (e / 2) + 2 * t4 + (e % 2);
-          x[e] = j <= jmax[mt][hr] ? s[mt][e / 2][2 * hr + e % 2] * a.scale_log2 : -INFINITY;
+        for (int e = 0; e < 4; ++e) {  // n8-tile e/2, column 2·t4 + e%2
+          const int j = tb + 8 * (2 * t4 + e % 2) + 2 * kg + e / 2;
+          const float sc = s[i][e / 2][2 * hr + e % 2] + s2[i][e / 2][2 * hr + e % 2];
+          x[e] = j <= jmax[i][hr] ? sc * a.scale_log2 : -INFINITY;
           mx = fmaxf(mx, x[e]);
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m[mt][hr], mx);
+        const float m_new = fmaxf(m[i][hr], mx);
         const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet keeps l = 0
-        alpha[hr] = fast_exp2(m[mt][hr] - m_use);
-        m[mt][hr] = m_new;
+        alpha[hr] = fast_exp2(m[i][hr] - m_use);
+        m[i][hr] = m_new;
         float sum = 0.f;
 #pragma unroll
         for (int e = 0; e < 4; ++e) { x[e] = fast_exp2(x[e] - m_use); sum += x[e]; }
-        l[mt][hr] = l[mt][hr] * alpha[hr] + sum;
-        pa[mt][hr] = Elem<T>::pack(x[0], x[1]);      // A operand: row g (+8), keys 2·t4, +1
-        pa[mt][2 + hr] = Elem<T>::pack(x[2], x[3]);  // keys 8 + 2·t4, +1
+        l[i][hr] = l[i][hr] * alpha[hr] + sum;
+        pa[i][hr] = Elem<T>::pack(x[0], x[1]);      // A operand: row g (+8), keys 2·t4, +1
+        pa[i][2 + hr] = Elem<T>::pack(x[2], x[3]);  // keys 8 + 2·t4, +1
       }
       // Once the running max settles, alpha = 1 for every row of the warp: skip the rescale.
       if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
-          oacc[mt][n][0] *= alpha[0]; oacc[mt][n][1] *= alpha[0]; oacc[mt][n][2] *= alpha[1]; oacc[mt][n][3] *= alpha[1];
+          oacc[i][n][0] *= alpha[0]; oacc[i][n][1] *= alpha[0]; oacc[i][n][2] *= alpha[1]; oacc[i][n][3] *= alpha[1];
         }
       }
     }
-    // O += P V: ldmatrix.trans of the warp's 16 V rows gives the "col" B operand.
+    // O += P V: ldmatrix.trans of the warp's 16 V rows gives the "col" B operand; P's k index c
+    // (c + 8) is column c of S's n8-tile 0 (1): key 8c + 2kg (+1).
 #pragma unroll
     for (int np = 0; np < D / 16; ++np) {
       uint32_t vb[4];
-      ldsm_x4_t(vb, vs + (kw + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + np * 16 + 8 * (lane / 16));
+      ldsm_x4_t(vb, vs + C::row(8 * (lane % 8) + 2 * kg + (lane / 8) % 2) + np * 16 + 8 * (lane / 16));
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-        if (mt < mt_n) { Elem<T>::mma(oacc[mt][2 * np], pa[mt], vb[0], vb[1]); Elem<T>::mma(oacc[mt][2 * np + 1], pa[mt], vb[2], vb[3]); }
+      for (int i = 0; i < MTW; ++i)
+        if (mt0 + i < mt_n) { Elem<T>::mma(oacc[i][2 * np], pa[i], vb[0], vb[1]); Elem<T>::mma(oacc[i][2 * np + 1], pa[i], vb[2], vb[3]); }
     }
   }
   cp_async_wait<0>();
 
-  // Merge the 4 warps: m = max_w m_w, l = sum_w 2^(m_w - m) l_w, O = sum_w 2^(m_w - m) O_w / l.
+  // Merge the KG key groups: m = max_k m_k, l = sum_k 2^(m_k - m) l_k, O = sum_k 2^(m_k - m) O_k / l.
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+  for (int i = 0; i < MTW; ++i)
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      l[mt][hr] += __shfl_xor_sync(0xffffffffu, l[mt][hr], 1);
-      l[mt][hr] += __shfl_xor_sync(0xffffffffu, l[mt][hr], 2);
+      l[i][hr] += __shfl_xor_sync(0xffffffffu, l[i][hr], 1);
+      l[i][hr] += __shfl_xor_sync(0xffffffffu, l[i][hr], 2);
     }
   __syncthreads();  // every warp is done with the pipeline's shared memory, which Obuf reuses
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
-    if (mt >= mt_n) continue;
+  for (int i = 0; i < MTW; ++i) {
+    if (mt0 + i >= mt_n) continue;
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      const int r = mt * 16 + g + 8 * hr;
-      if (t4 == 0) { stat_m[warp * MB + r] = m[mt][hr]; stat_l[warp * MB + r] = l[mt][hr]; }
+      const int r = (mt0 + i) * 16 + g + 8 * hr;
+      if (t4 == 0) { stat_m[kg * MB + r] = m[i][hr]; stat_l[kg * MB + r] = l[i][hr]; }
 #pragma unroll
       for (int n = 0; n < NT; ++n)
-        *reinterpret_cast<float2*>(Obuf + (warp * MB + r) * C::LDO + n * 8 + 2 * t4) = make_float2(oacc[mt][n][2 * hr], oacc[mt][n][2 * hr + 1]);
+        *reinterpret_cast<float2*>(Obuf + (kg * MB + r) * C::LDO + n * 8 + 2 * t4) = make_float2(oacc[i][n][2 * hr], oacc[i][n][2 * hr + 1]);
     }
   }
   __syncthreads();
-  const int r = tid / 4, q4 = tid % 4;  // thread (r, q4) finishes columns [q4·D/4, (q4+1)·D/4) of row r
+  constexpr int TPR = C::THREADS / MB, DT = D / TPR;  // threads per row; columns per thread
+  const int r = tid / TPR, q = tid % TPR;  // thread (r, q) finishes columns [q·DT, (q+1)·DT) of row r
   if (r >= rows) return;
-  float wt[C::W], mx = -INFINITY, L = 0.f;
+  float wt[KG], mx = -INFINITY, L = 0.f;
 #pragma unroll
-  for (int w = 0; w < C::W; ++w) mx = fmaxf(mx, stat_m[w * MB + r]);
+  for (int k = 0; k < KG; ++k) mx = fmaxf(mx, stat_m[k * MB + r]);
   const float m_use = mx == -INFINITY ? 0.f : mx;
 #pragma unroll
-  for (int w = 0; w < C::W; ++w) { wt[w] = fast_exp2(stat_m[w * MB + r] - m_use); L += wt[w] * stat_l[w * MB + r]; }
+  for (int k = 0; k < KG; ++k) { wt[k] = fast_exp2(stat_m[k * MB + r] - m_use); L += wt[k] * stat_l[k * MB + r]; }
   const float inv = L != 0.f ? 1.f / L : 0.f;  // a row that saw no key: zeros, lse = -inf
   const size_t R = size_t(b) * a.M + row0 + r;
   const bool direct = a.splits == 1;  // one split writes o and lse; several write fp32 partials
-#pragma unroll 4
-  for (int c = q4 * (D / 4); c < (q4 + 1) * (D / 4); c += 2) {
+#pragma unroll
+  for (int c = q * DT; c < (q + 1) * DT; c += 2) {
     float x = 0.f, y = 0.f;
 #pragma unroll
-    for (int w = 0; w < C::W; ++w) {
-      const float2 o2 = *reinterpret_cast<const float2*>(Obuf + (w * MB + r) * C::LDO + c);
-      x += wt[w] * o2.x; y += wt[w] * o2.y;
+    for (int k = 0; k < KG; ++k) {
+      const float2 o2 = *reinterpret_cast<const float2*>(Obuf + (k * MB + r) * C::LDO + c);
+      x += wt[k] * o2.x; y += wt[k] * o2.y;
     }
     if (direct) *reinterpret_cast<uint32_t*>(static_cast<T*>(a.o) + R * D + c) = Elem<T>::pack(x * inv, y * inv);
     else *reinterpret_cast<float2*>(a.ws_o + (size_t(split) * a.B * a.M + R) * D + c) = make_float2(x * inv, y * inv);
   }
-  if (q4 == 0) {
+  if (q == 0) {
     const float lse2 = L != 0.f ? mx + log2f(L) : -INFINITY;
     if (!direct) a.ws_lse[size_t(split) * a.B * a.M + R] = lse2;
     else if (a.lse) a.lse[R] = lse2 * kLn2;
@@ -238,8 +274,8 @@ int launch(const MQAParams& p) {
 template <typename T>
 int by_dim(const MQAParams& p) {
   switch (p.D) {
-    case 64: return launch<T, Cfg<64, FASTMQA_DECODE_STAGES>>(p);
-    case 128: return launch<T, Cfg<128, FASTMQA_DECODE_STAGES>>(p);
+    case 64: return launch<T, Cfg<64, FASTMQA_DECODE_STAGES, FASTMQA_DECODE_WARPS>>(p);
+    case 128: return launch<T, Cfg<128, FASTMQA_DECODE_STAGES, FASTMQA_DECODE_WARPS>>(p);
     default: return FASTMQA_UNSUPPORTED;
   }
 }

@@ -40,6 +40,8 @@ struct Cfg {
   static_assert(W % WK == 0 && KG % WK == 0 && D % W == 0 && DW % 8 == 0 && (N % 32) == 0, "bad tiling");
   static_assert((N * CH) % THREADS == 0 && (MB * CH) % THREADS == 0, "loads must divide evenly over threads");
   static constexpr size_t kv_tile = size_t(N) * LD * 2;  // bytes of one K (or V) tile
+  static constexpr int tile_elems = N * LD;               // KVChunk's layout: key r of a tile at row(r)
+  __host__ __device__ static constexpr int row(int r) { return r * LD; }
   static constexpr size_t fixed = size_t(MB) * (LD * 2 + LDS * 4 + LDP * 2 + 3 * 4);
   static size_t smem(bool kv_same) { return STAGES * kv_tile * (kv_same ? 1 : 2) + fixed; }
 };
@@ -52,13 +54,14 @@ __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int rb = blockIdx.x % a.RB, split = blockIdx.x / a.RB, b = blockIdx.y;
   const int row0 = rb * MB, rows = min(MB, a.M - row0), mt_n = (rows + 15) / 16;
-  const KVChunk<T, C> kv(a, b, split, reinterpret_cast<T*>(smem));  // keys [k0, k1); STAGES of K (and V) tiles
-  const int len = kv.len, k0 = kv.k0, k1 = kv.k1, ntiles = kv.ntiles;
-  T* Qs = kv.Ks + C::STAGES * kv.stage;                          // (MB, LD)
+  T* Qs = reinterpret_cast<T*>(smem) + C::STAGES * size_t(N) * LD * (a.kv_same ? 1 : 2);  // (MB, LD), after the pipeline
   float* Ss = reinterpret_cast<float*>(Qs + MB * LD);            // (MB, LDS) scores, log2 units
   T* Ps = reinterpret_cast<T*>(Ss + MB * C::LDS);                // (MB, LDP) probabilities
   float *row_m = reinterpret_cast<float*>(Ps + MB * C::LDP), *row_l = row_m + MB, *row_a = row_l + MB;
-  kv.start(Qs, static_cast<const T*>(a.q) + (size_t(b) * a.M + row0) * D, rows);  // Q and the first tiles
+  // Keys [k0, k1) of the sequence, STAGES of K (and V) tiles; the constructor issues Q's loads.
+  const KVChunk<T, C> kv(a, b, split, reinterpret_cast<T*>(smem), Qs, static_cast<const T*>(a.q) + (size_t(b) * a.M + row0) * D, rows);
+  const int len = kv.len, k0 = kv.k0, k1 = kv.k1, ntiles = kv.ntiles;
+  kv.start();  // the first tiles
   for (int r = tid; r < MB; r += C::THREADS) { row_m[r] = -INFINITY; row_l[r] = 0.f; }
 
   // Last key each of this thread's phase-1 rows may see (causal: row i sees j <= i + len - Sq).

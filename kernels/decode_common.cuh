@@ -34,6 +34,27 @@ __device__ __forceinline__ void ldsm_x2_t(uint32_t (&r)[2], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
                : "=r"(r[0]), "=r"(r[1]) : "r"(smem_u32(p)) : "memory");
 }
+// mbarriers and the bulk copy engine (sm_90): a bulk copy of `bytes` (a multiple of 16, both
+// addresses 16-byte aligned) from global to shared memory, counted against the mbarrier's
+// transaction bytes; a phase completes when its one arrival (arrive_expect_tx) and all the bytes
+// it expects have landed.
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_fence_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void bulk_g2s(void* dst, const void* src, uint32_t bytes, uint32_t bar, uint64_t policy) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n"
+               ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(bar), "l"(policy) : "memory");
+}
 __device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: exp2(-inf) = 0
   float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y;
 }
@@ -67,11 +88,21 @@ struct Args {
   float scale_log2;            // softmax scale · log2(e): scores live in log2 units
 };
 
-// A CTA's keys [k0, k1) of sequence b, streamed through a STAGES-deep cp.async pipeline. The chunk is
-// the sequence's own length (seqlens[b]) cut into `splits` chunks of whole N-key tiles. Tile t is N
+// A CTA's keys [k0, k1) of sequence b, streamed through a STAGES-deep pipeline. The chunk is the
+// sequence's own length (seqlens[b]) cut into `splits` chunks of whole N-key tiles. Tile t is N
 // consecutive rows of the cache (one contiguous block) of K, and of V unless k and v are one tensor,
-// in stage t % STAGES of Ks. C gives D, N, MB, LD (row pitch), CH (16-byte chunks a row), STAGES, THREADS.
-template <typename T, class C>
+// in stage t % STAGES of Ks. C gives D, N, MB, LD (Q's row pitch), CH (16-byte chunks a row), STAGES,
+// THREADS, and the tiles' layout: key r of a tile starts at element C::row(r), the V tile (unless
+// kv_same) C::tile_elems after the K tile.
+// Two ways to move a tile:
+//   * BULK = false: every thread issues 16-byte cp.async (N·CH of them per tile, per tensor), in
+//     commit groups; rows past the chunk are zero-filled by the copy itself;
+//   * BULK = true: the bulk copy engine, one copy per block of C::BR consecutive keys (the layout
+//     must keep such blocks contiguous: row(r) = row(r - r % BR) + (r % BR)·D), issued by warp 0
+//     and completing on the stage's mbarrier (`bars`, STAGES of them in shared memory). Rows past
+//     the chunk are zeroed by ordinary stores (V there multiplies P = 0; the cache may hold NaN).
+// Use: the constructor, start(), then per tile t: wait(t), __syncthreads(), next(t), compute.
+template <typename T, class C, bool BULK = false>
 struct KVChunk {
   int len, k0, k1, ntiles;
   size_t stage;  // elements per pipeline stage
@@ -79,51 +110,105 @@ struct KVChunk {
   const T *kg, *vg;
   int kv_same;  // k and v are one tensor: one tile a stage
   uint64_t evict_first;
+  uint32_t bars;  // BULK: shared-memory address of the first of STAGES mbarriers
 
-  __device__ __forceinline__ KVChunk(const Args& a, int b, int split, T* Ks_) : Ks(Ks_), kv_same(a.kv_same) {
-    constexpr int N = C::N;
-    len = a.seqlens ? a.seqlens[b] : a.Skv;
-    const int chunk = ((len + a.splits - 1) / a.splits + N - 1) / N * N;
-    k0 = min(len, split * chunk); k1 = min(len, k0 + chunk); ntiles = (k1 - k0 + N - 1) / N;
-    stage = size_t(N) * C::LD * (kv_same ? 1 : 2);
-    kg = static_cast<const T*>(a.k) + size_t(b) * a.Skv * C::D;
-    vg = static_cast<const T*>(a.v) + size_t(b) * a.Skv * C::D;
-    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(evict_first));
-  }
-  // Tile t's K; its V follows at + N·LD unless kv_same.
-  __device__ __forceinline__ T* tile(int t) const { return Ks + (t % C::STAGES) * stage; }
-  __device__ __forceinline__ void load(int t) const {
+  // Issues the cp.async of the CTA's `rows` query rows qg into Qs ((MB, LD), zeros past `rows`;
+  // kept in L2, evict_last: every split's CTA reads the same rows) before it reads the sequence's
+  // length, so the two memory latencies overlap. start() commits them with the first tile.
+  __device__ __forceinline__ KVChunk(const Args& a, int b, int split, T* Ks_, T* Qs, const T* qg, int rows,
+                                     uint64_t* bars_ = nullptr)
+      : Ks(Ks_), kv_same(a.kv_same), bars(BULK ? smem_u32(bars_) : 0u) {
     constexpr int N = C::N, D = C::D, LD = C::LD;
-    T* ks = tile(t);
-    const int j0 = k0 + t * N, tid = threadIdx.x;
-#pragma unroll
-    for (int it = 0; it < N * C::CH / C::THREADS; ++it) {
-      const int c = tid + it * C::THREADS, r = c / C::CH, ch = c % C::CH;
-      const bool ok = j0 + r < k1;
-      const size_t off = ok ? size_t(j0 + r) * D + ch * 8 : 0;
-      cp_async16(ks + r * LD + ch * 8, kg + off, ok, evict_first);
-      if (!kv_same) cp_async16(ks + N * LD + r * LD + ch * 8, vg + off, ok, evict_first);
-    }
-  }
-  // Fill the pipeline: group t holds tile t, group 0 also the CTA's `rows` query rows qg (into Qs,
-  // (MB, LD), zeros past `rows`), kept in L2 (evict_last): every split's CTA reads the same rows.
-  __device__ __forceinline__ void start(T* Qs, const T* qg, int rows) const {
-    constexpr int D = C::D, LD = C::LD;
-    uint64_t evict_last;
-    asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(evict_last));
-    const int tid = threadIdx.x;
-    if (ntiles > 0) {
+    {
+      uint64_t evict_last;
+      asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(evict_last));
+      const int tid = threadIdx.x;
 #pragma unroll
       for (int it = 0; it < C::MB * C::CH / C::THREADS; ++it) {
         const int c = tid + it * C::THREADS, r = c / C::CH, ch = c % C::CH;
         cp_async16(Qs + r * LD + ch * 8, qg + (r < rows ? size_t(r) * D + ch * 8 : 0), r < rows, evict_last);
       }
     }
+    if (BULK && threadIdx.x == 0) {
 #pragma unroll
-    for (int t = 0; t < C::STAGES - 1; ++t) {
-      if (t < ntiles) load(t);
-      cp_async_commit();
+      for (int s = 0; s < C::STAGES; ++s) mbar_init(bars + 8 * s, 1);
+      mbar_fence_init();
     }
+    len = a.seqlens ? a.seqlens[b] : a.Skv;
+    const int chunk = ((len + a.splits - 1) / a.splits + N - 1) / N * N;
+    k0 = min(len, split * chunk); k1 = min(len, k0 + chunk); ntiles = (k1 - k0 + N - 1) / N;
+    stage = size_t(C::tile_elems) * (kv_same ? 1 : 2);
+    kg = static_cast<const T*>(a.k) + size_t(b) * a.Skv * C::D;
+    vg = static_cast<const T*>(a.v) + size_t(b) * a.Skv * C::D;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(evict_first));
+  }
+  // Tile t's K; its V follows at + C::tile_elems unless kv_same.
+  __device__ __forceinline__ T* tile(int t) const { return Ks + (t % C::STAGES) * stage; }
+  __device__ __forceinline__ void load(int t) const {
+    constexpr int N = C::N, D = C::D;
+    T* ks = tile(t);
+    T* vs = ks + C::tile_elems;
+    const int j0 = k0 + t * N, tid = threadIdx.x;
+    if constexpr (BULK) {
+      const int nv = min(N, k1 - j0);  // rows of the chunk in this tile (>= 1: t < ntiles)
+      const uint32_t bar = bars + 8 * (t % C::STAGES);
+      if (tid == 0) mbar_arrive_expect_tx(bar, uint32_t(nv) * D * sizeof(T) * (kv_same ? 1 : 2));
+      static_assert(N % C::BR == 0 && N / C::BR <= 32, "one lane a block");
+      if (tid < 32) {
+        __syncwarp();  // the expectation is set before any byte can land
+        const int r = tid * C::BR, n = min(C::BR, nv - r);
+        if (tid < N / C::BR && n > 0) {
+          bulk_g2s(ks + C::row(r), kg + size_t(j0 + r) * D, n * D * sizeof(T), bar, evict_first);
+          if (!kv_same) bulk_g2s(vs + C::row(r), vg + size_t(j0 + r) * D, n * D * sizeof(T), bar, evict_first);
+        }
+      }
+      for (int c = tid; c < (N - nv) * C::CH; c += C::THREADS) {  // rows past the chunk: zeros
+        const int r = nv + c / C::CH, ch = c % C::CH;
+        *reinterpret_cast<uint4*>(ks + C::row(r) + ch * 8) = make_uint4(0u, 0u, 0u, 0u);
+        if (!kv_same) *reinterpret_cast<uint4*>(vs + C::row(r) + ch * 8) = make_uint4(0u, 0u, 0u, 0u);
+      }
+    } else {
+#pragma unroll
+      for (int it = 0; it < N * C::CH / C::THREADS; ++it) {
+        const int c = tid + it * C::THREADS, r = c / C::CH, ch = c % C::CH;
+        const bool ok = j0 + r < k1;
+        const size_t off = ok ? size_t(j0 + r) * D + ch * 8 : 0;
+        cp_async16(ks + C::row(r) + ch * 8, kg + off, ok, evict_first);
+        if (!kv_same) cp_async16(vs + C::row(r) + ch * 8, vg + off, ok, evict_first);
+      }
+    }
+  }
+  // Fill the pipeline: tiles 0 .. STAGES-2 (cp.async: group t holds tile t, group 0 also the query
+  // rows the constructor issued).
+  __device__ __forceinline__ void start() const {
+    if constexpr (BULK) {
+      __syncthreads();  // the mbarriers are initialised before warp 0 uses them ... and anyone waits
+#pragma unroll
+      for (int t = 0; t < C::STAGES - 1; ++t)
+        if (t < ntiles) load(t);
+      cp_async_commit();  // Q
+    } else {
+#pragma unroll
+      for (int t = 0; t < C::STAGES - 1; ++t) {
+        if (t < ntiles) load(t);
+        cp_async_commit();
+      }
+    }
+  }
+  // Tile t (and at t = 0 the query rows) has landed, for this thread; a __syncthreads() must follow
+  // before anyone reads it (other threads' copies, the zeroed rows) or next(t) reuses a stage.
+  __device__ __forceinline__ void wait(int t) const {
+    if constexpr (BULK) {
+      if (t == 0) cp_async_wait<0>();
+      mbar_wait(bars + 8 * (t % C::STAGES), (t / C::STAGES) & 1);
+    } else {
+      cp_async_wait<C::STAGES - 2>();  // all but the newest STAGES-2 groups: tile t is here
+    }
+  }
+  // After the barrier every warp is done with tile t-1, so its stage takes tile t + STAGES - 1.
+  __device__ __forceinline__ void next(int t) const {
+    if (t + C::STAGES - 1 < ntiles) load(t + C::STAGES - 1);
+    if (!BULK) cp_async_commit();
   }
 };
 

@@ -35,8 +35,10 @@ from fastmqa.check import compare  # noqa: E402
 from fastmqa.reference import attention_ref  # noqa: E402
 
 T0 = time.time()
-# Pipeline depths of 10_decode other than its default (4 stages).
-VARIANTS = {"s2": ["FASTMQA_DECODE_STAGES=2"], "s3": ["FASTMQA_DECODE_STAGES=3"]}
+# Variants of 10_decode's defaults (16-byte cp.async, 8 warps, 3 stages): the first version
+# (4 warps, 4 stages), the bulk copy engine, and 4 stages.
+VARIANTS = {"w4s4": ["FASTMQA_DECODE_WARPS=4", "FASTMQA_DECODE_STAGES=4"], "bulk": ["FASTMQA_DECODE_BULK=1"],
+            "s4": ["FASTMQA_DECODE_STAGES=4"]}
 GRID = [(B, S) for B in (1, 4, 16, 64) for S in (1024, 4096, 16384, 32768)]
 SWEEP = [(1, 4096), (1, 32768), (4, 32768), (16, 4096), (64, 4096)]
 SPLITS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
