@@ -12,7 +12,7 @@
    the L2 flushed before every repetition (fastmqa.bench.Timer), plus a split-count sweep;
 4. times MLA-shaped decoding (D = 576, k and v the same latent tensor) against a copy;
 5. runs compute-sanitizer memcheck and racecheck on a small case (reports under DIR).
-`--profile B S` only runs that decode shape a few times (for ncu).
+`--profile B S [--splits N]` only runs that decode shape a few times (for ncu).
 Everything goes to DIR/decode_dev.json (after each section) and a table at the end.
 """
 from __future__ import annotations
@@ -226,9 +226,9 @@ def sanitize(tool, name, out):
     return dict(tool=tool, kernel=name, rc=p.returncode, summary=summ)
 
 
-def profile(B, S):
+def profile(B, S, splits=0):
     q, kv, lens = decode_inputs(B, S)
-    launch = registry.get("10_decode").prepare(q, kv[0], kv[1], cache_seqlens=lens)[0]
+    launch = registry.get("10_decode").prepare(q, kv[0], kv[1], cache_seqlens=lens, num_splits=splits)[0]
     for _ in range(8):
         launch()
     torch.cuda.synchronize()
@@ -250,9 +250,10 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--skip-sanitizer", action="store_true")
     ap.add_argument("--profile", nargs=2, type=int, metavar=("B", "S"))
+    ap.add_argument("--splits", type=int, default=0, help="with --profile: force the split count (0 = choose)")
     args = ap.parse_args()
     if args.profile:
-        return profile(*args.profile)
+        return profile(*args.profile, splits=args.splits)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,

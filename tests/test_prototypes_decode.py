@@ -57,7 +57,7 @@ def test_kernel_combine_matches_numpy_combine(random_qkv):
 
 
 def test_choose_splits_fills_the_gpu_in_whole_waves():
-    # 132 SMs, one CTA each (10_decode's 4-stage config); tiles of 64 keys
+    # 132 SMs, one CTA each (10_decode's config); tiles of 64 keys
     assert decode.choose_splits(base=64, tiles=64, slots=132) == 2        # B=64, S=4k: 128 CTAs
     assert decode.choose_splits(base=1, tiles=16, slots=132) == 16        # B=1, S=1k: every tile its own CTA
     assert decode.choose_splits(base=1, tiles=512, slots=132) == 128      # B=1, S=32k: capped at 128
