@@ -9,7 +9,7 @@
 //   * Tiles of 64 keys (33 KB of K and V) arrive by 16-byte cp.async, 3 stages deep: 2 tiles in
 //     flight while one is used; 106 KB of shared memory and 8 warps of ~170 registers: one CTA
 //     per SM. Measured on the H100 (results/decode_dev.json): 4 stages were no faster; two CTAs
-//     per SM (registers capped at 128 by __launch_bounds__, a few spills) 15-25% slower; moving the
+//     per SM (registers capped at 128 by __launch_bounds__, a few spills) 5-30% slower; moving the
 //     tiles with the bulk copy engine (FASTMQA_DECODE_BULK=1) no faster than cp.async.
 //   * Tiles are stored in blocks of 8 keys (8·D contiguous elements, one bulk copy) padded by 16
 //     bytes. An ldmatrix reads 8 rows at one column: taking them from 8 different blocks (keys
