@@ -75,6 +75,14 @@ def record(out_path):
                     from fastmqa.reference import attention_ref
                     out, lse = attention_ref(q, kv, kv, causal=causal, return_lse=True)
                     bwd(torch.randn_like(q), q, kv, kv.clone(), out, lse, torch.randn_like(lse), causal=causal)
+    # Prototypes without a registry kernel yet: the paged decode (fastmqa.paged).
+    from fastmqa import paged
+    from fastmqa.prototypes import decode
+    q, kv = torch.randn(2, 4, 1, 64, generator=g), torch.randn(2, 1, 40, 64, generator=g)
+    lens = torch.tensor([40, 7], dtype=torch.int32)
+    kp, vp, table = paged.from_dense(kv, kv.clone(), lens, 16)
+    for causal in (False, True):
+        decode.mqa_decode_paged(q, kp, vp, table, lens, causal=causal)
     Path(out_path).write_text(json.dumps([list(k[:2]) + [list(k[2])] for k in seen]))
     print(f"recorded {len(seen)} kernel signatures")
 

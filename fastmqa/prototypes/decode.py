@@ -12,6 +12,10 @@ kernels (simulator-friendly at tiny sizes):
 * `decode_combine_kernel`: one thread per (b, row) merges the splits:
   lse = log(sum_s exp(lse_s)),  o = sum_s exp(lse_s - lse) o_s.
 
+* `decode_partial_paged_kernel` (runner `mqa_decode_paged`): the first kernel over a paged cache
+  (fastmqa.paged: key j of sequence b at row j % P of page block_table[b, j // P]); only the
+  tile load differs, the online-softmax step is the device function `_tile_update`.
+
 Sequence b's keys [0, seqlens[b]) are cut into `num_splits` chunks of whole tiles, as the
 CUDA kernel does: chunk = ceil(ceil(len / num_splits) / TILE) * TILE, split s covers
 [s * chunk, (s + 1) * chunk) clipped to len; trailing splits of a short sequence are empty.
@@ -174,6 +178,109 @@ def mqa_decode_splitkv(q, k, v, causal=False, scale=None, seqlens=None, num_spli
     if return_partials:
         res.append((dpo.copy_to_host(), dpl.copy_to_host()))
     return res[0] if len(res) == 1 else tuple(res)
+
+
+# -- a paged cache: the same split-KV kernel reading through a block table -------------------
+@cuda.jit
+def decode_partial_paged_kernel(q, k_pages, v_pages, table, lens, part_o, part_lse, scale, causal):
+    # As decode_partial_kernel, but key j of sequence b is row j % P of page table[b, j // P] of
+    # k_pages, v_pages (num_pages, P, D): only the tile load changes.
+    Ks = cuda.shared.array((TILE, DMAX), float32)
+    Vs = cuda.shared.array((TILE, DMAX), float32)
+    acc = cuda.local.array(DMAX, float32)
+    B, H, Sq, D = q.shape
+    P = k_pages.shape[1]
+    n_splits = part_o.shape[0]
+    s, b, r = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+    h, i = r // Sq, r % Sq
+    L = lens[b]
+    k0, k1 = _split_range(L, n_splits, s)
+    j_end = min(k1, i + L - Sq + 1) if causal else k1
+    m = -math.inf
+    l = 0.0
+    for d in range(D):
+        acc[d] = 0.0
+    for n0 in range(k0, k1, TILE):
+        for e in range(r, TILE * D, H * Sq):
+            jj, d = e // D, e % D
+            j = n0 + jj
+            if j < k1:                            # pages past the length are never looked up
+                page = table[b, j // P]
+                Ks[jj, d] = k_pages[page, j % P, d]
+                Vs[jj, d] = v_pages[page, j % P, d]
+            else:
+                Ks[jj, d] = 0.0
+                Vs[jj, d] = 0.0
+        cuda.syncthreads()
+        m, l = _tile_update(q, Ks, Vs, acc, b, h, i, n0, j_end, m, l, scale)
+        cuda.syncthreads()
+    inv = 1.0 / l if l != 0.0 else 0.0
+    for d in range(D):
+        part_o[s, b, r, d] = acc[d] * inv
+    part_lse[s, b, r] = m + math.log(l) if l != 0.0 else -math.inf
+
+
+@cuda.jit(device=True)
+def _tile_update(q, Ks, Vs, acc, b, h, i, n0, j_end, m, l, scale):
+    """decode_partial_kernel's online-softmax step over one tile (keys n0 .. j_end-1 of it);
+    returns the new (m, l) and updates acc."""
+    D = q.shape[3]
+    m_new = m
+    for jj in range(min(TILE, j_end - n0)):
+        dot = 0.0
+        for d in range(D):
+            dot += q[b, h, i, d] * Ks[jj, d]
+        x = dot * scale
+        m_new = x if (x != x or x > m_new) else m_new
+    if m_new == -math.inf:
+        return m, l
+    alpha = math.exp(m - m_new)
+    l *= alpha
+    for d in range(D):
+        acc[d] *= alpha
+    for jj in range(min(TILE, j_end - n0)):
+        dot = 0.0
+        for d in range(D):
+            dot += q[b, h, i, d] * Ks[jj, d]
+        p = math.exp(dot * scale - m_new)
+        l += p
+        for d in range(D):
+            acc[d] += p * Vs[jj, d]
+    return m_new, l
+
+
+def mqa_decode_paged(q, k_pages, v_pages, block_table, seqlens, causal=False, scale=None, num_splits=2,
+                     return_lse=False):
+    """Run the paged prototype: q (B, H, Sq, D) float32; k_pages, v_pages (num_pages, P, D) float32;
+    block_table (B, max_pages) int32; seqlens (B,) int32 (see fastmqa.paged). Returns out
+    (B, H, Sq, D), and with return_lse also lse (B, H, Sq)."""
+    from ..paged import check_paged
+    validate.check_tensor("q", q, ndim=4, dtypes=(torch.float32,))
+    validate.check_tensor("k_pages", k_pages, dtypes=(torch.float32,))
+    B, H, Sq, D = q.shape
+    _, _, Dk, _ = check_paged(k_pages, v_pages, block_table, seqlens, B=B, device=q.device)
+    if Dk != D:
+        raise ValueError(f"k_pages must have q's head dim {D}, got {Dk}")
+    if D > DMAX:
+        raise ValueError(f"the prototype handles head dims up to {DMAX}, got D={D}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+    validate.check_scale(scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    M = H * Sq
+    arrays = [t.detach().cpu().contiguous().numpy() for t in (q, k_pages, v_pages, block_table, seqlens)]
+    part_o = np.zeros((num_splits, B, M, D), np.float32)
+    part_lse = np.zeros((num_splits, B, M), np.float32)
+    o = np.zeros((B, M, D), np.float32)
+    lse = np.zeros((B, M), np.float32)
+    dq, dkp, dvp, dt, dl, dpo, dpl, do, dlse = to_device(*arrays, part_o, part_lse, o, lse)
+    if B and M:
+        decode_partial_paged_kernel[(num_splits, B), M](dq, dkp, dvp, dt, dl, dpo, dpl, np.float32(scale), bool(causal))
+        decode_combine_kernel[(B * M + 63) // 64, 64](dpo, dpl, do, dlse)
+    out = torch.from_numpy(do.copy_to_host().reshape(B, H, Sq, D)).to(q.device)
+    if return_lse:
+        return out, torch.from_numpy(dlse.copy_to_host().reshape(B, H, Sq)).to(q.device)
+    return out
 
 
 # -- the launcher's split count, and reading the chapter's results ---------------------------
