@@ -64,6 +64,45 @@ void run(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor o, at::Tensor lse,
               " Sq=", p.Sq, " Skv=", p.Skv, " D=", p.D, " dtype code ", p.dtype, ")");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+{paged}"""
+
+# Decode kernels with a paged cache (registry paged=True) also get `run_paged`: k_pages, v_pages
+# (num_pages, page_size, D) and block_table (B, max_pages) int32 in place of k, v; seqlens required.
+# Python validated the table (fastmqa.paged.check_paged).
+_BINDING_PAGED = r"""
+void run_paged(at::Tensor q, at::Tensor k_pages, at::Tensor v_pages, at::Tensor o, at::Tensor lse,
+               at::Tensor block_table, at::Tensor seqlens, at::Tensor workspace, double scale, bool causal,
+               int64_t num_splits) {
+  TORCH_CHECK(q.is_cuda() && k_pages.is_cuda() && v_pages.is_cuda() && o.is_cuda() && block_table.is_cuda() && seqlens.is_cuda(),
+              "q, k_pages, v_pages, o, block_table, seqlens must be CUDA tensors");
+  TORCH_CHECK(q.is_contiguous() && o.is_contiguous() && k_pages.is_contiguous() && v_pages.is_contiguous(),
+              "q, o, k_pages, v_pages must be contiguous");
+  TORCH_CHECK(q.dim() == 4 && k_pages.dim() == 3 && k_pages.sizes() == v_pages.sizes(),
+              "q must be 4-D, k_pages and v_pages (num_pages, page_size, D)");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == q.size(0) && block_table.is_contiguous() &&
+              block_table.scalar_type() == at::kInt, "block_table must be a contiguous (B, max_pages) int32 tensor");
+  TORCH_CHECK(seqlens.numel() == q.size(0) && seqlens.scalar_type() == at::kInt, "a paged cache needs seqlens (B,) int32");
+  const c10::cuda::CUDAGuard guard(q.device());
+  MQAParams p{};
+  p.q = q.data_ptr(); p.k = k_pages.data_ptr(); p.v = v_pages.data_ptr(); p.o = o.data_ptr();
+  p.lse = lse.numel() ? lse.data_ptr<float>() : nullptr;
+  p.seqlens = seqlens.data_ptr<int>();
+  p.block_table = block_table.data_ptr<int>();
+  p.max_pages = block_table.size(1); p.page_size = k_pages.size(1);
+  p.workspace = workspace.numel() ? workspace.data_ptr() : nullptr;
+  p.workspace_bytes = workspace.numel();
+  p.B = q.size(0); p.H = q.size(1); p.Sq = q.size(2); p.D = q.size(3); p.Skv = p.max_pages * p.page_size;
+  p.scale = (float)scale; p.causal = causal; p.dtype = dtype_code(q);
+  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_ss = q.stride(2);
+  p.o_sb = o.stride(0); p.o_sh = o.stride(1); p.o_ss = o.stride(2);
+  p.num_splits = (int)num_splits;
+  p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  p.stream = at::cuda::getCurrentCUDAStream();
+  int status = fastmqa_{fn}(p);
+  TORCH_CHECK(status == 0, "kernel {fn} does not support this paged cache (page_size=", p.page_size,
+              ", max_pages=", p.max_pages, ", D=", p.D, ", dtype code ", p.dtype, ")");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 """
 
 # The backward kernels' binding: the forward's q, k, v, out, lse and the upstream gradients in,
@@ -160,22 +199,25 @@ def cuda_flags() -> list[str]:
             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__", *arch_flags()]
 
 
-def binding_source(fn: str, uses_cublas: bool = False, backward: bool = False, strided: bool = False) -> str:
+def binding_source(fn: str, uses_cublas: bool = False, backward: bool = False, strided: bool = False,
+                   paged: bool = False) -> str:
     """The C++ torch binding `load` compiles for launcher `fastmqa_<fn>` (scripts/compile_kernels.sh
-    compile-checks it in CI): `run` for a forward kernel, `run_bwd` for a backward kernel."""
-    src = _BINDING_BWD if backward else _BINDING
+    compile-checks it in CI): `run` for a forward kernel (and `run_paged` for a decode kernel that
+    reads a paged cache), `run_bwd` for a backward kernel."""
+    src = _BINDING_BWD if backward else _BINDING.replace("{paged}", _BINDING_PAGED if paged else "")
     return (src.replace("{fn}", fn).replace("{blas}", _BLAS if uses_cublas else "")
             .replace("{strided}", "true" if strided else "false"))
 
 
 def load(name: str, source: str, uses_cublas: bool = False, verbose: bool = False, defines=(), symbol=None,
-         backward: bool = False, strided: bool = False):
+         backward: bool = False, strided: bool = False, paged: bool = False):
     """Build (or load from the cache) the extension for kernel `name` from kernels/`source`.
 
     defines: extra `-D` macros (a kernel's dev knobs); symbol: the launcher the source defines
     (`fastmqa_<symbol>`), when `name` is a variant's name rather than the kernel's own;
     backward: a backward kernel, bound as `run_bwd` (gradients) instead of `run`; strided: the
-    kernel reads q's and o's strides (MQAParams.q_sb ...), so the binding accepts views."""
+    kernel reads q's and o's strides (MQAParams.q_sb ...), so the binding accepts views; paged: also
+    bind `run_paged` (a decode kernel reading a paged cache through MQAParams.block_table)."""
     with _lock:
         if name in _loaded:
             return _loaded[name]
@@ -183,13 +225,13 @@ def load(name: str, source: str, uses_cublas: bool = False, verbose: bool = Fals
     from torch.utils.cpp_extension import load_inline
     fn = symbol or name_to_symbol(name)
     cu = (KERNELS_DIR / source).read_text()
-    cpp = binding_source(fn, uses_cublas, backward, strided)
+    cpp = binding_source(fn, uses_cublas, backward, strided, paged)
     extensions_dir()
     os.environ.setdefault("MAX_JOBS", "2")
     try:
         mod = load_inline(
             name=f"fastmqa_{name_to_symbol(name)}", cpp_sources=[cpp], cuda_sources=[cu],
-            functions=["run_bwd" if backward else "run"],
+            functions=["run_bwd"] if backward else ["run", "run_paged"] if paged else ["run"],
             extra_cuda_cflags=cuda_flags() + [f"-D{d}" for d in defines], extra_cflags=["-O3"],
             extra_include_paths=[str(KERNELS_DIR)],
             extra_ldflags=["-lcublas"] if uses_cublas else [], verbose=verbose)
@@ -206,7 +248,7 @@ def load_variant(kernel, tag: str, defines):
     import dataclasses
     name = f"{kernel.name}_{tag}"
     load(name, kernel.source, kernel.uses_cublas, defines=defines, symbol=name_to_symbol(kernel.name),
-         strided=kernel.strided_q)
+         strided=kernel.strided_q, paged=kernel.paged)
     return dataclasses.replace(kernel, name=name)
 
 
@@ -223,15 +265,16 @@ def backward_name(entry) -> str:
 def build_all(entries, max_workers: int | None = None, verbose: bool = False) -> dict:
     """Build registry entries in parallel; returns {name: None or the exception}."""
     require_toolchain()
-    jobs = [(e.name, e.source, e.uses_cublas, False, getattr(e, "strided_q", False)) for e in entries if e.source]
-    jobs += [(backward_name(e), e.backward, False, True, False) for e in entries if getattr(e, "backward", None)]
+    jobs = [(e.name, e.source, e.uses_cublas, False, getattr(e, "strided_q", False), getattr(e, "paged", False))
+            for e in entries if e.source]
+    jobs += [(backward_name(e), e.backward, False, True, False, False) for e in entries if getattr(e, "backward", None)]
     max_workers = max_workers or min(len(jobs), max(1, (os.cpu_count() or 2) // 2)) or 1
     results = {}
 
     def one(job):
-        name, source, uses_cublas, backward, strided = job
+        name, source, uses_cublas, backward, strided, paged = job
         try:
-            load(name, source, uses_cublas, verbose, backward=backward, strided=strided)
+            load(name, source, uses_cublas, verbose, backward=backward, strided=strided, paged=paged)
             return name, None
         except Exception as ex:  # reported per kernel
             return name, ex

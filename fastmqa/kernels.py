@@ -42,6 +42,7 @@ class Kernel:
     backward: str | None = None     # file in kernels/ of its backward kernel (same dtypes, head dims)
     strided_q: bool = False         # reads q and o through their strides (views need no copy)
     backward_prototype: str | None = None  # "module:function" of its backward's numba.cuda prototype
+    paged: bool = False             # a decode kernel that also reads a paged cache (prepare_paged)
     extra: dict = field(default_factory=dict)
 
     # -- calling -----------------------------------------------------------------
@@ -67,13 +68,7 @@ class Kernel:
         enqueues the kernel. Benchmarks time launch() so no validation (and no host sync,
         such as the cache_seqlens range check) sits inside the timed region."""
         B, H, Sq, Skv, D, _ = validate.check_qkv(q, k, v, kv_heads=1)
-        validate.check_tensor("q", q, dtypes=self.dtypes, device="cuda")
-        validate.check_scale(scale)
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-        why = self.supports(q.dtype, D, causal, Sq)
-        if why is not None:
-            raise ValueError(f"kernel {self.name} does not support {why}")
+        self._check_call(q, D, Sq, causal, scale)
         validate.check_index_range(B, H, Sq, Skv, D)
         if cache_seqlens is not None:
             if self.kind != "decode":
@@ -105,12 +100,69 @@ class Kernel:
         ws = torch.empty(ws_bytes, dtype=torch.uint8, device=q.device)
         lens = cache_seqlens if cache_seqlens is not None else torch.empty(0, dtype=torch.int32, device=q.device)
         lse_arg = lse if (self.returns_lse or return_lse) else torch.empty(0, device=q.device)
-        from .build import load
-        mod = load(self.name, self.source, self.uses_cublas, strided=self.strided_q)
+        mod = self.module()
         ns = int(num_splits)
 
         def launch():
             mod.run(q, k, v, o, lse_arg, lens, ws, scale, causal, ns)
+        return launch, o, lse
+
+    def _check_call(self, q, D, Sq, causal, scale):
+        """The checks every forward entry makes after the shapes: q a CUDA tensor of a supported
+        dtype, scale, causal a bool, and the configuration supported."""
+        validate.check_tensor("q", q, dtypes=self.dtypes, device="cuda")
+        validate.check_scale(scale)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        why = self.supports(q.dtype, D, causal, Sq)
+        if why is not None:
+            raise ValueError(f"kernel {self.name} does not support {why}")
+
+    def module(self):
+        """The built extension of this entry (built once, cached): `run`, and `run_paged` if paged."""
+        from .build import load
+        return load(self.name, self.source, self.uses_cublas, strided=self.strided_q, paged=self.paged)
+
+    def prepare_paged(self, q, k_pages, v_pages, block_table, cache_seqlens, causal=False, scale=None,
+                      num_splits=0, return_lse=False):
+        """`prepare` for a paged cache (fastmqa.paged): q (B, H, Sq, D); k_pages, v_pages
+        (num_pages, page_size, D); block_table (B, max_pages) int32; cache_seqlens (B,) int32.
+        A page must hold whole 64-key tiles (page_size a multiple of 64). Returns (launch, out, lse)."""
+        from .paged import check_paged
+        if not self.paged:
+            raise ValueError(f"kernel {self.name} does not read a paged cache (registry entries with paged=True do)")
+        validate.check_tensor("q", q, ndim=4)
+        B, H, Sq, D = q.shape
+        num_pages, P, Dk, max_pages = check_paged(k_pages, v_pages, block_table, cache_seqlens, B=B, device=q.device)
+        if Dk != D:
+            raise ValueError(f"k_pages must have q's head dim {D}, got {Dk}")
+        if P % 64:
+            raise ValueError(f"page_size must be a multiple of 64 for kernel {self.name} (a page holds whole "
+                             f"64-key tiles), got {P}")
+        self._check_call(q, D, Sq, causal, scale)
+        if k_pages.dtype != q.dtype:
+            raise TypeError(f"k_pages has dtype {str(k_pages.dtype)[6:]}, expected q's {str(q.dtype)[6:]}")
+        Skv = max_pages * P
+        validate.check_index_range(B, H, Sq, Skv, D)
+        validate.check_index_range(1, 1, 1, num_pages * P, D)
+        if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+            raise ValueError(f"num_splits must be an int >= 0 (0 = choose), got {num_splits!r}")
+        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+        if o.numel() == 0:
+            return (lambda: None), o, lse
+        q = _aligned(q.contiguous())
+        k_pages, v_pages = _aligned(k_pages.contiguous()), _aligned(v_pages.contiguous())
+        table, lens = block_table.contiguous(), cache_seqlens.contiguous()
+        ws = torch.empty(self.workspace(B, H, Sq, Skv, D, q.dtype, num_splits) if self.workspace else 0,
+                         dtype=torch.uint8, device=q.device)
+        lse_arg = lse if (self.returns_lse or return_lse) else torch.empty(0, device=q.device)
+        mod = self.module()
+        ns = int(num_splits)
+
+        def launch():
+            mod.run_paged(q, k_pages, v_pages, o, lse_arg, table, lens, ws, scale, causal, ns)
         return launch, o, lse
 
     def prepare_backward(self, dout, q, k, v, out, lse, dlse=None, causal=False, scale=None):
@@ -272,7 +324,7 @@ REGISTRY: list[Kernel] = [
     # --- decode over a KV cache ---------------------------------------------------------
     Kernel("10_decode", "decode: all heads share each K/V tile, split-KV over CTAs + combine", "decode",
            "10_decode.cu", "08_decode", dtypes=(FP16, BF16), head_dims=(64, 128), max_sq=8,
-           workspace=_decode_workspace, returns_lse=True,
+           workspace=_decode_workspace, returns_lse=True, paged=True,
            prototype="fastmqa.prototypes.decode:mqa_decode_splitkv", suites=("decode",)),
     # MLA: D = 576 is the latent cache (512 + 64 RoPE) passed as both k and v (one load per tile);
     # o[..., :512] is MLA's output. Distinct k and v of D = 576 work too.

@@ -14,7 +14,8 @@ never read (they may hold anything).
 
 `paged_attention_ref` is the float reference (gather the pages, then `attention_ref`);
 `fastmqa.prototypes.decode.mqa_decode_paged` is the split-KV prototype reading through the table;
-`PagedKVCache` allocates pages and appends tokens.
+`Kernel.prepare_paged` runs a registry decode kernel with paged=True (kernels/10_decode.cu, pages
+a multiple of 64 tokens); `PagedKVCache` allocates pages, appends tokens and attends either way.
 """
 from __future__ import annotations
 
@@ -208,10 +209,17 @@ class PagedKVCache:
         """(k, v): the dense (batch, max_pages * P, D) caches this one stands for."""
         return gather(self.k_pages, self.v_pages, self.block_table, self.cache_seqlens)
 
-    def attend(self, q, causal=False, scale=None, return_lse=False):
-        """Attention of q (batch, H, Sq, D) over the cache (the reference path)."""
-        return paged_attention_ref(q, self.k_pages, self.v_pages, self.block_table, self.cache_seqlens,
-                                   causal=causal, scale=scale, return_lse=return_lse)
+    def attend(self, q, causal=False, scale=None, return_lse=False, kernel=None):
+        """Attention of q (batch, H, Sq, D) over the cache: by `kernel`, a registry decode kernel
+        with paged=True (`Kernel.prepare_paged`, CUDA; pages a multiple of 64 tokens), or by the
+        reference when kernel is None."""
+        if kernel is None:
+            return paged_attention_ref(q, self.k_pages, self.v_pages, self.block_table, self.cache_seqlens,
+                                       causal=causal, scale=scale, return_lse=return_lse)
+        run, o, lse = kernel.prepare_paged(q, self.k_pages, self.v_pages, self.block_table, self.cache_seqlens,
+                                           causal=causal, scale=scale, return_lse=return_lse)
+        run()
+        return (o, lse) if return_lse else o
 
     def stats(self) -> dict:
         """Bytes of K and V held in pages in use, against a dense cache that reserves the

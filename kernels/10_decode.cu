@@ -64,7 +64,7 @@ struct Cfg {
   static size_t smem(bool kv_same) { return pipe(kv_same) + size_t(MB) * LD * 2 + 2 * KG * MB * 4 + STAGES * 8; }
 };
 
-template <typename T, class C>
+template <typename T, class C, bool PAGED>
 __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
   asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may get scheduled now
   constexpr int D = C::D, N = C::N, LD = C::LD, MB = C::MB, NT = D / 8, MTW = C::MTW, KG = C::KG;
@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
   float *stat_m = reinterpret_cast<float*>(Qs + MB * LD), *stat_l = stat_m + KG * MB;
   uint64_t* bars = reinterpret_cast<uint64_t*>(stat_l + KG * MB);       // (STAGES) mbarriers, BULK
   // Keys [k0, k1) of the sequence, STAGES of K (and V) tiles; the constructor issues Q's loads.
-  const KVChunk<T, C, FASTMQA_DECODE_BULK> kv(a, b, split, reinterpret_cast<T*>(smem), Qs,
+  const KVChunk<T, C, FASTMQA_DECODE_BULK, PAGED> kv(a, b, split, reinterpret_cast<T*>(smem), Qs,
                                               static_cast<const T*>(a.q) + (size_t(b) * a.M + row0) * D, rows, bars);
   const int len = kv.len, k0 = kv.k0, k1 = kv.k1, ntiles = kv.ntiles;
   kv.start();  // the first tiles
@@ -266,9 +266,15 @@ __global__ void __launch_bounds__(256) combine_kernel(const float* __restrict__ 
   if (lse && tid == 0) lse[row] = sum != 0.f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
 }
 
+// A paged cache (p.block_table, fastmqa.paged) runs the same kernel with KVChunk<..., PAGED>:
+// one table read per tile, so a page must hold whole tiles (page_size a multiple of 64 keys).
 template <typename T, class C>
 int launch(const MQAParams& p) {
-  return launch_split_kv<T, C, kMaxSplits, 256>(p, decode_kernel<T, C>, combine_kernel<T, C::D>);
+  if (p.block_table)
+    return p.page_size < 1 || p.page_size % C::N || p.max_pages < 1
+               ? FASTMQA_UNSUPPORTED
+               : launch_split_kv<T, C, kMaxSplits, 256, true>(p, decode_kernel<T, C, true>, combine_kernel<T, C::D>);
+  return launch_split_kv<T, C, kMaxSplits, 256>(p, decode_kernel<T, C, false>, combine_kernel<T, C::D>);
 }
 
 template <typename T>

@@ -274,7 +274,7 @@ int by_kv(const MQAParams& p) {
 }  // namespace
 
 int fastmqa_k11_decode_mla(const MQAParams& p) {
-  if (p.B < 1 || p.H * p.Sq < 1 || p.Skv < 1 || p.D != 576) return FASTMQA_UNSUPPORTED;
+  if (p.B < 1 || p.H * p.Sq < 1 || p.Skv < 1 || p.D != 576 || p.block_table) return FASTMQA_UNSUPPORTED;  // no paged cache
   if (p.dtype == FASTMQA_BF16) return by_kv<__nv_bfloat16>(p);
   if (p.dtype == FASTMQA_FP16) return by_kv<__half>(p);
   return FASTMQA_UNSUPPORTED;

@@ -86,6 +86,8 @@ struct Args {
   float *ws_o, *ws_lse;        // partials (splits, B, M, D) and (splits, B, M) when splits > 1
   int B, M, Sq, Skv, causal, splits, RB, kv_same;
   float scale_log2;            // softmax scale · log2(e): scores live in log2 units
+  const int* block_table;      // paged cache (MQAParams): (B, max_pages) pages; k, v are page pools
+  int max_pages, page_size;
 };
 
 // A CTA's keys [k0, k1) of sequence b, streamed through a STAGES-deep pipeline. The chunk is the
@@ -101,8 +103,10 @@ struct Args {
 //     must keep such blocks contiguous: row(r) = row(r - r % BR) + (r % BR)·D), issued by warp 0
 //     and completing on the stage's mbarrier (`bars`, STAGES of them in shared memory). Rows past
 //     the chunk are zeroed by ordinary stores (V there multiplies P = 0; the cache may hold NaN).
+// PAGED = true: k and v are page pools and tile t starts at row block_table[b][j0 / P]·P + j0 % P
+// of them (a page holds whole tiles: P is a multiple of N); one table read a tile.
 // Use: the constructor, start(), then per tile t: wait(t), __syncthreads(), next(t), compute.
-template <typename T, class C, bool BULK = false>
+template <typename T, class C, bool BULK = false, bool PAGED = false>
 struct KVChunk {
   int len, k0, k1, ntiles;
   size_t stage;  // elements per pipeline stage
@@ -111,6 +115,8 @@ struct KVChunk {
   int kv_same;  // k and v are one tensor: one tile a stage
   uint64_t evict_first;
   uint32_t bars;  // BULK: shared-memory address of the first of STAGES mbarriers
+  const int* bt;  // PAGED: sequence b's row of the block table
+  int P;          // PAGED: tokens a page
 
   // Issues the cp.async of the CTA's `rows` query rows qg into Qs ((MB, LD), zeros past `rows`;
   // kept in L2, evict_last: every split's CTA reads the same rows) before it reads the sequence's
@@ -138,9 +144,19 @@ struct KVChunk {
     const int chunk = ((len + a.splits - 1) / a.splits + N - 1) / N * N;
     k0 = min(len, split * chunk); k1 = min(len, k0 + chunk); ntiles = (k1 - k0 + N - 1) / N;
     stage = size_t(C::tile_elems) * (kv_same ? 1 : 2);
-    kg = static_cast<const T*>(a.k) + size_t(b) * a.Skv * C::D;
-    vg = static_cast<const T*>(a.v) + size_t(b) * a.Skv * C::D;
+    if constexpr (PAGED) {  // the pools' first rows; load() adds each tile's page
+      kg = static_cast<const T*>(a.k); vg = static_cast<const T*>(a.v);
+      bt = a.block_table + size_t(b) * a.max_pages; P = a.page_size;
+    } else {
+      kg = static_cast<const T*>(a.k) + size_t(b) * a.Skv * C::D;
+      vg = static_cast<const T*>(a.v) + size_t(b) * a.Skv * C::D;
+    }
     asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(evict_first));
+  }
+  // PAGED: the first K and V rows of tile t, whose first key is j0 (its page holds the whole tile).
+  __device__ __forceinline__ void tile_src(int j0, const T*& kt, const T*& vt) const {
+    const size_t row = size_t(bt[j0 / P]) * P + j0 % P;
+    kt = kg + row * C::D; vt = vg + row * C::D;
   }
   // Tile t's K; its V follows at + C::tile_elems unless kv_same.
   __device__ __forceinline__ T* tile(int t) const { return Ks + (t % C::STAGES) * stage; }
@@ -158,14 +174,27 @@ struct KVChunk {
         __syncwarp();  // the expectation is set before any byte can land
         const int r = tid * C::BR, n = min(C::BR, nv - r);
         if (tid < N / C::BR && n > 0) {
-          bulk_g2s(ks + C::row(r), kg + size_t(j0 + r) * D, n * D * sizeof(T), bar, evict_first);
-          if (!kv_same) bulk_g2s(vs + C::row(r), vg + size_t(j0 + r) * D, n * D * sizeof(T), bar, evict_first);
+          const T *kt = kg + size_t(j0) * D, *vt = vg + size_t(j0) * D;
+          if constexpr (PAGED) tile_src(j0, kt, vt);
+          bulk_g2s(ks + C::row(r), kt + size_t(r) * D, n * D * sizeof(T), bar, evict_first);
+          if (!kv_same) bulk_g2s(vs + C::row(r), vt + size_t(r) * D, n * D * sizeof(T), bar, evict_first);
         }
       }
       for (int c = tid; c < (N - nv) * C::CH; c += C::THREADS) {  // rows past the chunk: zeros
         const int r = nv + c / C::CH, ch = c % C::CH;
         *reinterpret_cast<uint4*>(ks + C::row(r) + ch * 8) = make_uint4(0u, 0u, 0u, 0u);
         if (!kv_same) *reinterpret_cast<uint4*>(vs + C::row(r) + ch * 8) = make_uint4(0u, 0u, 0u, 0u);
+      }
+    } else if constexpr (PAGED) {
+      const T *kt, *vt;
+      tile_src(j0, kt, vt);
+#pragma unroll
+      for (int it = 0; it < N * C::CH / C::THREADS; ++it) {
+        const int c = tid + it * C::THREADS, r = c / C::CH, ch = c % C::CH;
+        const bool ok = j0 + r < k1;
+        const size_t off = ok ? size_t(r) * D + ch * 8 : 0;  // rows past the chunk: zero-filled
+        cp_async16(ks + C::row(r) + ch * 8, kt + off, ok, evict_first);
+        if (!kv_same) cp_async16(vs + C::row(r) + ch * 8, vt + off, ok, evict_first);
       }
     } else {
 #pragma unroll
@@ -261,7 +290,7 @@ int choose_splits(int base, int tiles, int slots, int max_splits) {
 // split, `combine`: one CTA of COMBINE_THREADS per query row, with programmatic dependent launch, so
 // its CTAs are scheduled while the decode kernel finishes and wait (griddepcontrol.wait) for the
 // partials. The workspace holds (splits, B, M, D) partial outputs, then (splits, B, M) lse.
-template <typename T, class C, int MAX_SPLITS, int COMBINE_THREADS>
+template <typename T, class C, int MAX_SPLITS, int COMBINE_THREADS, bool PAGED = false>
 int launch_split_kv(const MQAParams& p, void (*decode)(Args),
                     void (*combine)(const float*, const float*, T*, float*, int, int)) {
   const int M = p.H * p.Sq, RB = (M + C::MB - 1) / C::MB;
@@ -285,7 +314,8 @@ int launch_split_kv(const MQAParams& p, void (*decode)(Args),
   const size_t ws_need = size_t(splits) * p.B * M * (C::D + 1) * sizeof(float);
   if (splits > 1 && (p.workspace == nullptr || p.workspace_bytes < ws_need)) return FASTMQA_UNSUPPORTED;
   Args a{p.q, p.k, p.v, p.o, p.lse, p.seqlens, static_cast<float*>(p.workspace), nullptr,
-         p.B, M, p.Sq, p.Skv, p.causal, splits, RB, kv_same, p.scale * kLog2e};
+         p.B, M, p.Sq, p.Skv, p.causal, splits, RB, kv_same, p.scale * kLog2e,
+         PAGED ? p.block_table : nullptr, p.max_pages, p.page_size};
   if (splits > 1) a.ws_lse = a.ws_o + size_t(splits) * p.B * M * C::D;
   decode<<<dim3(RB * splits, p.B), C::THREADS, smem, p.stream>>>(a);
   if (splits == 1) return 0;

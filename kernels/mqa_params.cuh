@@ -42,6 +42,11 @@ struct MQAParams {
   void* dq;               // (B, H, Sq, D) outputs, dtype of q
   void* dk;               // (B, Skv, D)
   void* dv;               // (B, Skv, D)
+  // Paged KV cache (decode kernels that support it; fastmqa.paged): k, v are page pools
+  // (num_pages, page_size, D) and key j of sequence b is row j % page_size of page
+  // block_table[b * max_pages + j / page_size]; Skv = max_pages * page_size. nullptr: dense.
+  const int* block_table;
+  int max_pages, page_size;
 };
 
 // Every kernel file defines   int fastmqa_<name>(const MQAParams& p);

@@ -26,12 +26,12 @@ for f in kernels/*.cu; do
   fi
 done
 # The bindings fastmqa.build generates, in one translation unit (torch/extension.h is the slow part):
-# the forward's (with the cuBLAS line and strides, a superset of every kernel's) and the backward's.
+# the forward's (with the cuBLAS line, strides and run_paged, a superset of every kernel's) and the backward's.
 python3 - > /tmp/fastmqa_binding.cpp <<'PY'
 import importlib.util, pathlib
 spec = importlib.util.spec_from_file_location("b", pathlib.Path("fastmqa/build.py"))
 b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)
-print(b.binding_source("kcheck", uses_cublas=True, strided=True))
+print(b.binding_source("kcheck", uses_cublas=True, strided=True, paged=True))
 print(b.binding_source("kcheck", backward=True))
 PY
 PYINC=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")

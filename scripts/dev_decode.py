@@ -52,8 +52,8 @@ def build_all():
     build.extensions_dir()
     base, mla = registry.get("10_decode"), registry.get("11_decode_mla")
     with ThreadPoolExecutor(2 + len(VARIANTS)) as pool:
-        fb = pool.submit(build.load, base.name, base.source)
-        fm = pool.submit(build.load, mla.name, mla.source)
+        fb = pool.submit(base.module)
+        fm = pool.submit(mla.module)
         fv = {t: pool.submit(build.load_variant, base, t, d) for t, d in VARIANTS.items()}
         fb.result()
         fm.result()

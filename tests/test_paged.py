@@ -149,3 +149,92 @@ def test_cache_bad_arguments():
         cache.append(torch.ones(1, 2, 2), torch.ones(1, 2, 2), [3])
     with pytest.raises(ValueError, match=r"b must be a sequence index in \[0, 1\)"):
         cache.free(1)
+
+
+# -- the CUDA kernel's paged path (fastmqa.kernels: prepare_paged; kernels/10_decode.cu) -------
+from fastmqa import build, kernels  # noqa: E402
+
+PAGED = [k for k in kernels.REGISTRY if k.paged]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_registry_has_a_paged_kernel_and_its_binding():
+    assert [k.name for k in PAGED] == ["10_decode"]
+    assert "run_paged" in build.binding_source("k10_decode", paged=True)
+    assert "run_paged" not in build.binding_source("k10_decode") and "{paged}" not in build.binding_source("x")
+
+
+def test_prepare_paged_refuses_before_any_build(monkeypatch):
+    monkeypatch.setattr(build, "load", lambda *a, **k: pytest.fail("validation must come before the build"))
+    q = torch.randn(2, 4, 1, 64, dtype=torch.bfloat16)
+    kp = torch.zeros(4, 64, 64, dtype=torch.bfloat16)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    lens = torch.tensor([100, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="kernel 11_decode_mla does not read a paged cache"):
+        kernels.get("11_decode_mla").prepare_paged(q, kp, kp, table, lens)
+    small = torch.zeros(8, 16, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="page_size must be a multiple of 64 for kernel 10_decode .* got 16"):
+        PAGED[0].prepare_paged(q, small, small, table, torch.tensor([30, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"k_pages must have q's head dim 128, got 64"):
+        PAGED[0].prepare_paged(torch.randn(2, 4, 1, 128, dtype=torch.bfloat16), kp, kp, table, lens)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="q is on cpu, expected a cuda tensor"):
+            PAGED[0].prepare_paged(q, kp, kp, table, lens)
+
+
+def _cuda_case(B, H, Sq, lens, P, D, dtype, seed):
+    """A dense cache and the same keys paged in shuffled order; NaN past every length and in
+    the unused pages of the pool, so a read through a wrong row or page shows."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    max_pages = -(-max(lens) // P)
+    S = max_pages * P
+    q = torch.randn(B, H, Sq, D, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(B, 1, S, D, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(B, 1, S, D, device="cuda", dtype=dtype, generator=g)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    n = sum(-(-L // P) for L in lens) + 3
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    kp, vp, table = paged.from_dense(k, v, seqlens, P, num_pages=n, pages=order, fill=float("nan"))
+    kd, vd = k.clone(), v.clone()
+    for b, L in enumerate(lens):
+        kd[b, :, L:] = float("nan")
+        vd[b, :, L:] = float("nan")
+    return q, kd, vd, seqlens, kp, vp, table
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("P", [64, 128])
+def test_paged_kernel_equals_dense_kernel(dtype, D, P):
+    """The same keys in the same order, the same split count: the bits of the dense kernel."""
+    kern = PAGED[0]
+    for causal, Sq, lens in ((False, 1, [1000, 1, 64, 0, 333]), (True, 3, [129, 700, 5, 64, 1000])):
+        q, kd, vd, seqlens, kp, vp, table = _cuda_case(5, 8, Sq, lens, P, D, dtype, seed=D + P + Sq)
+        for ns in (0, 1, 3):
+            dense, dlse = kern(q, kd, vd, causal=causal, cache_seqlens=seqlens, num_splits=ns, return_lse=True)
+            run, o, lse = kern.prepare_paged(q, kp, vp, table, seqlens, causal=causal, num_splits=ns, return_lse=True)
+            run()
+            assert torch.equal(o, dense) and torch.equal(lse, dlse), f"causal={causal} splits={ns}"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_paged_kernel_vs_fp64_and_cache_attend():
+    from fastmqa.check import compare
+    kern = PAGED[0]
+    q, kd, vd, seqlens, kp, vp, table = _cuda_case(3, 32, 1, [4097, 65, 1], 64, 128, torch.bfloat16, seed=11)
+    run, o, _ = kern.prepare_paged(q, kp, vp, table, seqlens)
+    run()
+    r = compare(o, q, kd, vd, seqlens=seqlens)
+    assert r.ok, r
+    cache = paged.PagedKVCache(num_pages=40, page_size=64, head_dim=64, batch=2, dtype=torch.float16, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for T, lengths in ((300, [300, 70]), (1, [1, 1]), (64, [0, 64])):
+        cache.append(torch.randn(2, T, 64, device="cuda", dtype=torch.float16, generator=g),
+                     torch.randn(2, T, 64, device="cuda", dtype=torch.float16, generator=g), lengths)
+    qc = torch.randn(2, 16, 1, 64, device="cuda", dtype=torch.float16, generator=g)
+    kd2, vd2 = cache.dense()
+    r = compare(cache.attend(qc, kernel=kern), qc, kd2.unsqueeze(1), vd2.unsqueeze(1), seqlens=cache.cache_seqlens)
+    assert r.ok, r
