@@ -238,3 +238,43 @@ def test_paged_kernel_vs_fp64_and_cache_attend():
     kd2, vd2 = cache.dense()
     r = compare(cache.attend(qc, kernel=kern), qc, kd2.unsqueeze(1), vd2.unsqueeze(1), seqlens=cache.cache_seqlens)
     assert r.ok, r
+
+
+# -- the page pool under random appends and frees (hypothesis) ---------------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_op = st.one_of(st.tuples(st.just("append"), st.integers(0, 5), st.lists(st.integers(0, 5), min_size=3, max_size=3)),
+                st.tuples(st.just("free"), st.integers(0, 2), st.just([])))
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(_op, max_size=12), page_size=st.integers(1, 4))
+def test_cache_matches_a_model_under_random_appends_and_frees(ops, page_size):
+    """Whatever sequence of appends and frees: the dense view equals the tokens appended since
+    each sequence's last free, no page is held twice, and the pool never leaks pages."""
+    cache = paged.PagedKVCache(num_pages=9, page_size=page_size, head_dim=2, batch=3, max_pages_per_seq=9)
+    model = [[], [], []]
+    counter = 0
+    for kind, a, lengths in ops:
+        if kind == "free":
+            cache.free(a)
+            model[a] = []
+            continue
+        T, lengths = a, [min(x, a) for x in lengths]
+        k = torch.arange(counter, counter + 3 * T * 2, dtype=torch.float32).reshape(3, T, 2)
+        counter += 3 * T * 2
+        try:
+            cache.append(k, -k, lengths)
+        except (RuntimeError, ValueError):          # pool exhausted or a sequence too long:
+            assert cache.lengths == [len(m) for m in model]   # nothing changed
+            continue
+        for b in range(3):
+            model[b] += [k[b, t] for t in range(lengths[b])]
+    assert cache.lengths == [len(m) for m in model]
+    held = [p for b in range(3) for p in cache.block_table[b, :-(-len(model[b]) // page_size)].tolist()]
+    assert len(held) == len(set(held)) == cache.pages_in_use, "a page held twice, or a leak"
+    kd, vd = cache.dense()
+    for b in range(3):
+        if model[b]:
+            want = torch.stack(model[b])
+            assert torch.equal(kd[b, :len(model[b])], want) and torch.equal(vd[b, :len(model[b])], -want)
