@@ -181,13 +181,15 @@ class PagedKVCache:
         for b, L in enumerate(new_len):
             while len(self._pages[b]) * P < L:
                 self._pages[b].append(heapq.heappop(self._free))
-        self.block_table.copy_(torch.tensor([pg + [0] * (max_pages - len(pg)) for pg in self._pages],
-                                            dtype=torch.int32))
-        bs = torch.tensor([b for b in range(B) for _ in range(n[b])], dtype=torch.long)
-        ts = torch.tensor([t for b in range(B) for t in range(n[b])], dtype=torch.long)
+        table = torch.tensor([pg + [0] * (max_pages - len(pg)) for pg in self._pages], dtype=torch.int32)
+        self.block_table.copy_(table)
+        # Token t < n[b] of sequence b goes to position lens[b] + t: (page, slot) from the host table.
+        counts = torch.tensor(n, dtype=torch.long)
+        bs = torch.repeat_interleave(torch.arange(B), counts)
+        ts = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         if bs.numel():
             pos = torch.tensor(self._lens, dtype=torch.long)[bs] + ts
-            page = self.block_table.cpu().to(torch.long)[bs, pos // P]
+            page = table.to(torch.long)[bs, pos // P]
             dev = self.k_pages.device
             page, slot, bs, ts = page.to(dev), (pos % P).to(dev), bs.to(dev), ts.to(dev)
             self.k_pages[page, slot] = k[bs, ts].to(self.k_pages.dtype)
