@@ -294,6 +294,9 @@ def suite_prefill(suite, timer, quick=False, skip_ms=1000.0):
 DECODE_GRID = [(B, S) for B in (1, 4, 16, 64) for S in (1024, 4096, 16384, 32768)]
 
 
+PAGE_SIZE = 256  # the decode suite's paged rows: keys a page (a multiple of the kernels' 64-key tile)
+
+
 def suite_decode(timer, quick=False):
     """bf16 decode, H=32, D=128: bandwidth = bytes of K and V read / time."""
     rows, skipped = [], []
@@ -321,6 +324,15 @@ def suite_decode(timer, quick=False):
             ms = timer(kern.prepare(q, k, v, cache_seqlens=lens)[0])
             rows.append(_row(kern.name, "decode", dtype, B, H, 1, S, D, False, ms,
                              gbps=round(kv_bytes / ms / 1e6, 1), **extra))
+            if kern.paged:  # the same cache in shuffled pages of PAGE_SIZE keys (fastmqa.paged)
+                from .paged import from_dense
+                n = B * -(-S // PAGE_SIZE)
+                pages = torch.randperm(n, generator=torch.Generator().manual_seed(B * S)).tolist()
+                kp, vp, table = from_dense(k, v, lens.cpu(), PAGE_SIZE, pages=pages)
+                ms = timer(kern.prepare_paged(q, kp, vp, table.to(q.device), lens)[0])
+                rows.append(_row(kern.name + ".paged", "decode", dtype, B, H, 1, S, D, False, ms,
+                                 gbps=round(kv_bytes / ms / 1e6, 1), page_size=PAGE_SIZE, **extra))
+                del kp, vp
             if kern.workspace is not None and (B, S) in ((1, 4096), (1, 32768), (16, 4096)):
                 for ns in (1, 2, 4, 8, 16, 32, 64, 128):  # the split-count sweep
                     ms = timer(kern.prepare(q, k, v, cache_seqlens=lens, num_splits=ns)[0])

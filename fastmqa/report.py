@@ -139,7 +139,8 @@ def section_decode(d, figs, plt):
         any_r = next(iter(rs.values()))
         best_t = min((rs[i] for i in torch_impls if i in rs), key=lambda r: r["ms"], default=None)
         ours_ms = [ms(rs[i]["ms"]) if i in rs else "-" for i in ours]
-        speed = ratio(best_t["ms"], rs[ours[-1]]["ms"]) if best_t and ours and ours[-1] in rs else "-"
+        main_impl = next((i for i in ours if "." not in i), ours[-1] if ours else None)  # not a ".paged" row
+        speed = ratio(best_t["ms"], rs[main_impl]["ms"]) if best_t and main_impl in rs else "-"
         out.append(f"| {B} | {S} | " + " | ".join(cells) + f" | {ms(any_r['copy_ms'])} | " + " | ".join(ours_ms)
                    + f" | {speed} |")
     fig, ax = plt.subplots(figsize=(6.5, 3.6))

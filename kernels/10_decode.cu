@@ -24,8 +24,8 @@
 //     mma chains nobody hid; 8 warps measured 3-10% faster. FASTMQA_DECODE_WARPS=4 builds it.)
 //   * Split-KV: with B·H·Sq small (B = 1 is one CTA!) the 132 SMs would sit idle, so each sequence
 //     is cut into `splits` chunks of whole tiles, one CTA each, which write a normalised partial
-//     output and its log-sum-exp to the workspace; a second kernel combines them (launched with
-//     programmatic dependent launch, so its launch overlaps the first kernel's tail).
+//     output and its log-sum-exp to the workspace. Up to 4 splits, the last CTA to finish combines
+//     them (arrival counters); more go to a combine kernel (programmatic dependent launch).
 // MLA's 576-wide latent does not fit this register budget: see 11_decode_mla.cu.
 #include "mqa_params.cuh"
 #include "decode_common.cuh"  // PTX wrappers, the KV pipeline, split weights, choose_splits, the launcher
@@ -35,6 +35,9 @@
 #endif
 #ifndef FASTMQA_DECODE_BULK
 #define FASTMQA_DECODE_BULK 0  // 1: K/V tiles by the bulk copy engine (one copy per 8-key block); 0: 16-byte cp.async
+#endif
+#ifndef FASTMQA_DECODE_FUSE
+#define FASTMQA_DECODE_FUSE 4  // the decode kernel combines up to this many splits itself (0: always a combine kernel)
 #endif
 #ifndef FASTMQA_DECODE_WARPS
 #define FASTMQA_DECODE_WARPS 8   // 4: one warp per key group owns all 32 rows (the first version)
@@ -205,32 +208,66 @@ __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
   __syncthreads();
   constexpr int TPR = C::THREADS / MB, DT = D / TPR;  // threads per row; columns per thread
   const int r = tid / TPR, q = tid % TPR;  // thread (r, q) finishes columns [q·DT, (q+1)·DT) of row r
-  if (r >= rows) return;
-  float wt[KG], mx = -INFINITY, L = 0.f;
-#pragma unroll
-  for (int k = 0; k < KG; ++k) mx = fmaxf(mx, stat_m[k * MB + r]);
-  const float m_use = mx == -INFINITY ? 0.f : mx;
-#pragma unroll
-  for (int k = 0; k < KG; ++k) { wt[k] = fast_exp2(stat_m[k * MB + r] - m_use); L += wt[k] * stat_l[k * MB + r]; }
-  const float inv = L != 0.f ? 1.f / L : 0.f;  // a row that saw no key: zeros, lse = -inf
-  const size_t R = size_t(b) * a.M + row0 + r;
+  const size_t R = size_t(b) * a.M + row0 + r, BM = size_t(a.B) * a.M;
   const bool direct = a.splits == 1;  // one split writes o and lse; several write fp32 partials
+  if (r < rows) {
+    float wt[KG], mx = -INFINITY, L = 0.f;
 #pragma unroll
-  for (int c = q * DT; c < (q + 1) * DT; c += 2) {
-    float x = 0.f, y = 0.f;
+    for (int k = 0; k < KG; ++k) mx = fmaxf(mx, stat_m[k * MB + r]);
+    const float m_use = mx == -INFINITY ? 0.f : mx;
 #pragma unroll
-    for (int k = 0; k < KG; ++k) {
-      const float2 o2 = *reinterpret_cast<const float2*>(Obuf + (k * MB + r) * C::LDO + c);
-      x += wt[k] * o2.x; y += wt[k] * o2.y;
+    for (int k = 0; k < KG; ++k) { wt[k] = fast_exp2(stat_m[k * MB + r] - m_use); L += wt[k] * stat_l[k * MB + r]; }
+    const float inv = L != 0.f ? 1.f / L : 0.f;  // a row that saw no key: zeros, lse = -inf
+#pragma unroll
+    for (int c = q * DT; c < (q + 1) * DT; c += 2) {
+      float x = 0.f, y = 0.f;
+#pragma unroll
+      for (int k = 0; k < KG; ++k) {
+        const float2 o2 = *reinterpret_cast<const float2*>(Obuf + (k * MB + r) * C::LDO + c);
+        x += wt[k] * o2.x; y += wt[k] * o2.y;
+      }
+      if (direct) *reinterpret_cast<uint32_t*>(static_cast<T*>(a.o) + R * D + c) = Elem<T>::pack(x * inv, y * inv);
+      else *reinterpret_cast<float2*>(a.ws_o + (size_t(split) * BM + R) * D + c) = make_float2(x * inv, y * inv);
     }
-    if (direct) *reinterpret_cast<uint32_t*>(static_cast<T*>(a.o) + R * D + c) = Elem<T>::pack(x * inv, y * inv);
-    else *reinterpret_cast<float2*>(a.ws_o + (size_t(split) * a.B * a.M + R) * D + c) = make_float2(x * inv, y * inv);
+    if (q == 0) {
+      const float lse2 = L != 0.f ? mx + log2f(L) : -INFINITY;
+      if (!direct) a.ws_lse[size_t(split) * BM + R] = lse2;
+      else if (a.lse) a.lse[R] = lse2 * kLn2;
+    }
   }
-  if (q == 0) {
-    const float lse2 = L != 0.f ? mx + log2f(L) : -INFINITY;
-    if (!direct) a.ws_lse[size_t(split) * a.B * a.M + R] = lse2;
-    else if (a.lse) a.lse[R] = lse2 * kLn2;
+  if (direct || a.counters == nullptr) return;  // (a combine kernel follows)
+
+  // Fused combine: the last of the row block's `splits` CTAs to get here merges their partials
+  // (the threadfence-reduction pattern: publish, count, and the last one reads everyone's).
+  __threadfence();  // this thread's partials are visible device-wide before the count says so
+  __syncthreads();
+  int* last = reinterpret_cast<int*>(stat_m);  // (the merge statistics are read: reuse them)
+  if (tid == 0) {
+    int* cnt = a.counters + size_t(b) * a.RB + rb;
+    const bool is_last = atomicAdd(cnt, 1) == a.splits - 1;
+    if (is_last) *cnt = 0;  // every CTA has counted: zero for the next launch
+    *last = is_last;
   }
+  __syncthreads();
+  if (!*last || r >= rows) return;
+  __threadfence();
+  float mx = -INFINITY, sum = 0.f, acc[DT] = {};
+  for (int s2 = 0; s2 < a.splits; ++s2) mx = fmaxf(mx, __ldcg(a.ws_lse + size_t(s2) * BM + R));
+  for (int s2 = 0; s2 < a.splits; ++s2) {
+    const float w = mx == -INFINITY ? 0.f : fast_exp2(__ldcg(a.ws_lse + size_t(s2) * BM + R) - mx);
+    sum += w;
+    const float4* src = reinterpret_cast<const float4*>(a.ws_o + (size_t(s2) * BM + R) * D + q * DT);
+#pragma unroll
+    for (int c = 0; c < DT / 4; ++c) {
+      const float4 x = __ldcg(src + c);
+      acc[4 * c] += w * x.x; acc[4 * c + 1] += w * x.y; acc[4 * c + 2] += w * x.z; acc[4 * c + 3] += w * x.w;
+    }
+  }
+  const float inv = sum != 0.f ? 1.f / sum : 0.f;  // a row that saw no key: zeros, lse = -inf
+#pragma unroll
+  for (int c = 0; c < DT; c += 2)
+    *reinterpret_cast<uint32_t*>(static_cast<T*>(a.o) + R * D + q * DT + c) = Elem<T>::pack(acc[c] * inv, acc[c + 1] * inv);
+  if (q == 0 && a.lse) a.lse[R] = sum != 0.f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
 }
 
 // One CTA per query row: o = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max_s lse_s).
@@ -273,8 +310,8 @@ int launch(const MQAParams& p) {
   if (p.block_table)
     return p.page_size < 1 || p.page_size % C::N || p.max_pages < 1
                ? FASTMQA_UNSUPPORTED
-               : launch_split_kv<T, C, kMaxSplits, 256, true>(p, decode_kernel<T, C, true>, combine_kernel<T, C::D>);
-  return launch_split_kv<T, C, kMaxSplits, 256>(p, decode_kernel<T, C, false>, combine_kernel<T, C::D>);
+               : launch_split_kv<T, C, kMaxSplits, 256, true, FASTMQA_DECODE_FUSE>(p, decode_kernel<T, C, true>, combine_kernel<T, C::D>);
+  return launch_split_kv<T, C, kMaxSplits, 256, false, FASTMQA_DECODE_FUSE>(p, decode_kernel<T, C, false>, combine_kernel<T, C::D>);
 }
 
 template <typename T>

@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
+#include <mutex>
 
 namespace {
 
@@ -88,6 +89,7 @@ struct Args {
   float scale_log2;            // softmax scale · log2(e): scores live in log2 units
   const int* block_table;      // paged cache (MQAParams): (B, max_pages) pages; k, v are page pools
   int max_pages, page_size;
+  int* counters;               // fused combine: (B, RB) arrival counters, zero between launches; else null
 };
 
 // A CTA's keys [k0, k1) of sequence b, streamed through a STAGES-deep pipeline. The chunk is the
@@ -286,11 +288,49 @@ int choose_splits(int base, int tiles, int slots, int max_splits) {
   return 1;
 }
 
+// Arrival counters for the fused combine (the last CTA of a row block to finish combines its
+// splits): n ints per (device, stream), zeroed once by a memset ordered before the first launch on
+// that stream; the last CTA resets its counter, so they are zero again when the kernel ends. A
+// stream gets its own counters (two streams may decode at once). Null where none can be had
+// (table full, or growing them while the stream is being captured into a graph): the caller then
+// uses the combine kernel.
+int* split_counters(cudaStream_t stream, int n) {
+  struct Slot { int dev; cudaStream_t s; int* p; int n; };
+  static Slot slots[32];
+  static int used = 0;
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return nullptr;
+  Slot* slot = nullptr;
+  for (int i = 0; i < used; ++i)
+    if (slots[i].dev == dev && slots[i].s == stream) slot = &slots[i];
+  if (slot && slot->n >= n) return slot->p;
+  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &cap) != cudaSuccess || cap != cudaStreamCaptureStatusNone) return nullptr;
+  if (!slot) {
+    if (used == 32) return nullptr;
+    slot = &slots[used++];
+    *slot = Slot{dev, stream, nullptr, 0};
+  }
+  if (slot->p) {  // growing: the kernels that use the old counters finish first (cudaFree waits)
+    cudaFree(slot->p);
+    slot->p = nullptr; slot->n = 0;
+  }
+  const int want = n > 4096 ? n : 4096;
+  if (cudaMalloc(&slot->p, size_t(want) * sizeof(int)) != cudaSuccess) { slot->p = nullptr; return nullptr; }
+  if (cudaMemsetAsync(slot->p, 0, size_t(want) * sizeof(int), stream) != cudaSuccess) return nullptr;
+  slot->n = want;
+  return slot->p;
+}
+
 // Launch `decode` (C::THREADS a CTA, C::smem bytes, RB row blocks x splits, B) and, when the keys are
 // split, `combine`: one CTA of COMBINE_THREADS per query row, with programmatic dependent launch, so
 // its CTAs are scheduled while the decode kernel finishes and wait (griddepcontrol.wait) for the
-// partials. The workspace holds (splits, B, M, D) partial outputs, then (splits, B, M) lse.
-template <typename T, class C, int MAX_SPLITS, int COMBINE_THREADS, bool PAGED = false>
+// partials. With at most FUSE_MAX splits (and counters to be had) the decode kernel combines
+// them itself instead (Args::counters): one launch, no combine kernel.
+// The workspace holds (splits, B, M, D) partial outputs, then (splits, B, M) lse.
+template <typename T, class C, int MAX_SPLITS, int COMBINE_THREADS, bool PAGED = false, int FUSE_MAX = 0>
 int launch_split_kv(const MQAParams& p, void (*decode)(Args),
                     void (*combine)(const float*, const float*, T*, float*, int, int)) {
   const int M = p.H * p.Sq, RB = (M + C::MB - 1) / C::MB;
@@ -316,9 +356,13 @@ int launch_split_kv(const MQAParams& p, void (*decode)(Args),
   Args a{p.q, p.k, p.v, p.o, p.lse, p.seqlens, static_cast<float*>(p.workspace), nullptr,
          p.B, M, p.Sq, p.Skv, p.causal, splits, RB, kv_same, p.scale * kLog2e,
          PAGED ? p.block_table : nullptr, p.max_pages, p.page_size};
-  if (splits > 1) a.ws_lse = a.ws_o + size_t(splits) * p.B * M * C::D;
+  a.counters = nullptr;
+  if (splits > 1) {
+    a.ws_lse = a.ws_o + size_t(splits) * p.B * M * C::D;
+    if (splits <= FUSE_MAX) a.counters = split_counters(p.stream, p.B * RB);
+  }
   decode<<<dim3(RB * splits, p.B), C::THREADS, smem, p.stream>>>(a);
-  if (splits == 1) return 0;
+  if (splits == 1 || a.counters) return 0;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(p.B * M); cfg.blockDim = dim3(COMBINE_THREADS); cfg.stream = p.stream;
   cudaLaunchAttribute attr[1];

@@ -38,7 +38,8 @@ T0 = time.time()
 # Variants of 10_decode's defaults (16-byte cp.async, 8 warps, 3 stages): the first version
 # (4 warps, 4 stages), the bulk copy engine, and 4 stages.
 VARIANTS = {"w4s4": ["FASTMQA_DECODE_WARPS=4", "FASTMQA_DECODE_STAGES=4"], "bulk": ["FASTMQA_DECODE_BULK=1"],
-            "s4": ["FASTMQA_DECODE_STAGES=4"]}
+            "s4": ["FASTMQA_DECODE_STAGES=4"], "fuse0": ["FASTMQA_DECODE_FUSE=0"], "fuse4": ["FASTMQA_DECODE_FUSE=4"],
+            "fuse16": ["FASTMQA_DECODE_FUSE=16"], "fuse128": ["FASTMQA_DECODE_FUSE=128"]}
 GRID = [(B, S) for B in (1, 4, 16, 64) for S in (1024, 4096, 16384, 32768)]
 SWEEP = [(1, 4096), (1, 32768), (4, 32768), (16, 4096), (64, 4096)]
 SPLITS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -107,7 +108,7 @@ def check_kernels(kerns, log):
                         for name, kern in kerns.items():
                             if kern.supports(dtype, D, causal, Sq) is not None:
                                 continue
-                            for ns in ((0, 1, 5, 64) if name in ("10_decode", "11_decode_mla") else (0,)):
+                            for ns in ((0, 1, 5, 64) if name in ("10_decode", "11_decode_mla") or "fuse" in name else (0,)):
                                 row = dict(kernel=name, dtype=str(dtype)[6:], B=B, H=H, Sq=Sq, S=S, D=D,
                                            causal=causal, kv_same=kv_same, num_splits=ns)
                                 try:

@@ -73,3 +73,15 @@ def test_intensity_mqa_is_h_times_mha():
     assert decode.intensity(32, 32) == 1.0                                 # MHA, bf16: 1 flop per byte
     assert decode.intensity(32, 1) == 32 * decode.intensity(32, 32)
     assert decode.intensity(32, 8, Sq=4) == 16.0
+
+
+def test_paged_table_pairs_dense_and_paged_rows():
+    row = lambda impl, B, S, ms, **kw: dict(impl=impl, kind="decode", B=B, Skv=S, ms=ms, gbps=1.0, **kw)
+    data = {"rows": [row("10_decode", 1, 4096, 0.010), row("10_decode.paged", 1, 4096, 0.011, page_size=256),
+                     row("10_decode", 4, 4096, 0.020),                       # no paged row: left out
+                     row("10_decode", 1, 4096, 0.5, num_splits=1, sweep=True),  # sweep rows do not count
+                     row("torch.sdpa_gqa", 1, 4096, 0.009)]}
+    t = decode.paged_table(data)
+    assert [(r["B"], r["S"], r["page"]) for r in t] == [(1, 4096, 256)]
+    assert t[0]["paged_vs_dense"] == pytest.approx(1.1)
+    assert t[0]["dense_us"] == pytest.approx(10.0) and t[0]["paged_us"] == pytest.approx(11.0)

@@ -330,6 +330,20 @@ def bandwidth_table(data, impl="10_decode"):
     return out
 
 
+def paged_table(data, impl="10_decode"):
+    """Per (B, S): the kernel's time on the dense cache and on the same cache in shuffled pages
+    (rows `<impl>.paged` of a results/decode.json), and their ratio."""
+    rows = [r for r in data["rows"] if r["kind"] == "decode" and not r.get("sweep")]
+    out = []
+    for B, S in sorted({(r["B"], r["Skv"]) for r in rows}):
+        dense = next((r for r in rows if (r["B"], r["Skv"], r["impl"]) == (B, S, impl)), None)
+        paged = next((r for r in rows if (r["B"], r["Skv"], r["impl"]) == (B, S, impl + ".paged")), None)
+        if dense and paged:
+            out.append(dict(B=B, S=S, page=paged.get("page_size"), dense_us=dense["ms"] * 1e3,
+                            paged_us=paged["ms"] * 1e3, paged_GBps=paged["gbps"], paged_vs_dense=paged["ms"] / dense["ms"]))
+    return out
+
+
 def split_sweep(data, impl="10_decode"):
     """{(B, S): [(num_splits, GB/s), ...]} from the rows of a results file that carry num_splits."""
     out = {}
