@@ -35,6 +35,27 @@ static int dtype_code(const at::Tensor& t) {
   return -1;
 }
 
+// What the forward bindings (dense and paged) fill alike: q, o (and their strides), lse, seqlens, the workspace,
+// scale, causal, the split count and the device; k, v and Skv are the caller's.
+static MQAParams attention_params(const at::Tensor& q, const at::Tensor& o, const at::Tensor& lse,
+                                  const at::Tensor& seqlens, const at::Tensor& workspace, double scale,
+                                  bool causal, int64_t num_splits) {
+  MQAParams p{};
+  p.q = q.data_ptr(); p.o = o.data_ptr();
+  p.lse = lse.numel() ? lse.data_ptr<float>() : nullptr;
+  p.seqlens = seqlens.numel() ? seqlens.data_ptr<int>() : nullptr;
+  p.workspace = workspace.numel() ? workspace.data_ptr() : nullptr;
+  p.workspace_bytes = workspace.numel();
+  p.B = q.size(0); p.H = q.size(1); p.Sq = q.size(2); p.D = q.size(3);
+  p.scale = (float)scale; p.causal = causal; p.dtype = dtype_code(q);
+  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_ss = q.stride(2);
+  p.o_sb = o.stride(0); p.o_sh = o.stride(1); p.o_ss = o.stride(2);
+  p.num_splits = (int)num_splits;
+  p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  p.stream = at::cuda::getCurrentCUDAStream();
+  return p;
+}
+
 // q (B, H, Sq, D); k, v (B, Skv, D); o like q; lse (B, H, Sq) float32 or empty;
 // seqlens (B,) int32 or empty; workspace uint8 or empty. Python validated the shapes.
 void run(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor o, at::Tensor lse,
@@ -45,19 +66,8 @@ void run(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor o, at::Tensor lse,
               {strided} ? "q, o must have unit stride in the head dim" : "q, o must be contiguous");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 3 && v.dim() == 3, "q must be 4-D and k, v 3-D");
   const c10::cuda::CUDAGuard guard(q.device());
-  MQAParams p{};
-  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.o = o.data_ptr();
-  p.lse = lse.numel() ? lse.data_ptr<float>() : nullptr;
-  p.seqlens = seqlens.numel() ? seqlens.data_ptr<int>() : nullptr;
-  p.workspace = workspace.numel() ? workspace.data_ptr() : nullptr;
-  p.workspace_bytes = workspace.numel();
-  p.B = q.size(0); p.H = q.size(1); p.Sq = q.size(2); p.D = q.size(3); p.Skv = k.size(1);
-  p.scale = (float)scale; p.causal = causal; p.dtype = dtype_code(q);
-  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_ss = q.stride(2);
-  p.o_sb = o.stride(0); p.o_sh = o.stride(1); p.o_ss = o.stride(2);
-  p.num_splits = (int)num_splits;
-  p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  p.stream = at::cuda::getCurrentCUDAStream();
+  MQAParams p = attention_params(q, o, lse, seqlens, workspace, scale, causal, num_splits);
+  p.k = k.data_ptr(); p.v = v.data_ptr(); p.Skv = k.size(1);
   {blas}
   int status = fastmqa_{fn}(p);
   TORCH_CHECK(status == 0, "kernel {fn} does not support this configuration (B=", p.B, " H=", p.H,
@@ -83,21 +93,10 @@ void run_paged(at::Tensor q, at::Tensor k_pages, at::Tensor v_pages, at::Tensor 
               block_table.scalar_type() == at::kInt, "block_table must be a contiguous (B, max_pages) int32 tensor");
   TORCH_CHECK(seqlens.numel() == q.size(0) && seqlens.scalar_type() == at::kInt, "a paged cache needs seqlens (B,) int32");
   const c10::cuda::CUDAGuard guard(q.device());
-  MQAParams p{};
-  p.q = q.data_ptr(); p.k = k_pages.data_ptr(); p.v = v_pages.data_ptr(); p.o = o.data_ptr();
-  p.lse = lse.numel() ? lse.data_ptr<float>() : nullptr;
-  p.seqlens = seqlens.data_ptr<int>();
+  MQAParams p = attention_params(q, o, lse, seqlens, workspace, scale, causal, num_splits);
+  p.k = k_pages.data_ptr(); p.v = v_pages.data_ptr();
   p.block_table = block_table.data_ptr<int>();
-  p.max_pages = block_table.size(1); p.page_size = k_pages.size(1);
-  p.workspace = workspace.numel() ? workspace.data_ptr() : nullptr;
-  p.workspace_bytes = workspace.numel();
-  p.B = q.size(0); p.H = q.size(1); p.Sq = q.size(2); p.D = q.size(3); p.Skv = p.max_pages * p.page_size;
-  p.scale = (float)scale; p.causal = causal; p.dtype = dtype_code(q);
-  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_ss = q.stride(2);
-  p.o_sb = o.stride(0); p.o_sh = o.stride(1); p.o_ss = o.stride(2);
-  p.num_splits = (int)num_splits;
-  p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  p.stream = at::cuda::getCurrentCUDAStream();
+  p.max_pages = block_table.size(1); p.page_size = k_pages.size(1); p.Skv = p.max_pages * p.page_size;
   int status = fastmqa_{fn}(p);
   TORCH_CHECK(status == 0, "kernel {fn} does not support this paged cache (page_size=", p.page_size,
               ", max_pages=", p.max_pages, ", D=", p.D, ", dtype code ", p.dtype, ")");

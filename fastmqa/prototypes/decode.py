@@ -50,6 +50,45 @@ def split_range(length, num_splits, s):
 _split_range = cuda.jit(device=True)(split_range)
 
 
+@cuda.jit(device=True)
+def _tile_update(q, Ks, Vs, acc, b, h, i, n0, j_end, m, l, scale):
+    """One tile of the online softmax for query row (b, h, i): keys n0 .. j_end-1 of the tile in
+    Ks, Vs; acc holds the unnormalised output. Returns the new running max m and sum l."""
+    D = q.shape[3]
+    m_new = m
+    for jj in range(min(TILE, j_end - n0)):
+        dot = 0.0
+        for d in range(D):
+            dot += q[b, h, i, d] * Ks[jj, d]
+        x = dot * scale
+        m_new = x if (x != x or x > m_new) else m_new   # NaN wins: NaN inputs give NaN rows
+    if m_new == -math.inf:                        # this row has seen no key yet
+        return m, l
+    alpha = math.exp(m - m_new)
+    l *= alpha
+    for d in range(D):
+        acc[d] *= alpha
+    for jj in range(min(TILE, j_end - n0)):
+        dot = 0.0
+        for d in range(D):
+            dot += q[b, h, i, d] * Ks[jj, d]
+        p = math.exp(dot * scale - m_new)
+        l += p
+        for d in range(D):
+            acc[d] += p * Vs[jj, d]
+    return m_new, l
+
+
+@cuda.jit(device=True)
+def _write_partial(part_o, part_lse, acc, s, b, r, m, l):
+    """Split s's partial of row r of sequence b: the normalised output and its log-sum-exp
+    (a split that saw no key: zeros and -inf, weight 0 in the combine)."""
+    inv = 1.0 / l if l != 0.0 else 0.0
+    for d in range(part_o.shape[3]):
+        part_o[s, b, r, d] = acc[d] * inv
+    part_lse[s, b, r] = m + math.log(l) if l != 0.0 else -math.inf
+
+
 @cuda.jit
 def decode_partial_kernel(q, k, v, lens, part_o, part_lse, scale, causal):
     # q (B, H, Sq, D); k, v (B, Smax, D); lens (B,); part_o (S, B, M, D); part_lse (S, B, M)
@@ -75,32 +114,9 @@ def decode_partial_kernel(q, k, v, lens, part_o, part_lse, scale, causal):
             Ks[jj, d] = k[b, n0 + jj, d] if inside else 0.0
             Vs[jj, d] = v[b, n0 + jj, d] if inside else 0.0
         cuda.syncthreads()
-        m_new = m
-        for jj in range(min(TILE, j_end - n0)):
-            dot = 0.0
-            for d in range(D):
-                dot += q[b, h, i, d] * Ks[jj, d]
-            x = dot * scale
-            m_new = x if (x != x or x > m_new) else m_new   # NaN wins: NaN inputs give NaN rows
-        if m_new != -math.inf:                    # else this row has seen no key yet
-            alpha = math.exp(m - m_new)
-            l *= alpha
-            for d in range(D):
-                acc[d] *= alpha
-            for jj in range(min(TILE, j_end - n0)):
-                dot = 0.0
-                for d in range(D):
-                    dot += q[b, h, i, d] * Ks[jj, d]
-                p = math.exp(dot * scale - m_new)
-                l += p
-                for d in range(D):
-                    acc[d] += p * Vs[jj, d]
-            m = m_new
+        m, l = _tile_update(q, Ks, Vs, acc, b, h, i, n0, j_end, m, l, scale)
         cuda.syncthreads()                        # before the next tile overwrites Ks, Vs
-    inv = 1.0 / l if l != 0.0 else 0.0
-    for d in range(D):
-        part_o[s, b, r, d] = acc[d] * inv
-    part_lse[s, b, r] = m + math.log(l) if l != 0.0 else -math.inf
+    _write_partial(part_o, part_lse, acc, s, b, r, m, l)
 
 
 @cuda.jit
@@ -214,39 +230,7 @@ def decode_partial_paged_kernel(q, k_pages, v_pages, table, lens, part_o, part_l
         cuda.syncthreads()
         m, l = _tile_update(q, Ks, Vs, acc, b, h, i, n0, j_end, m, l, scale)
         cuda.syncthreads()
-    inv = 1.0 / l if l != 0.0 else 0.0
-    for d in range(D):
-        part_o[s, b, r, d] = acc[d] * inv
-    part_lse[s, b, r] = m + math.log(l) if l != 0.0 else -math.inf
-
-
-@cuda.jit(device=True)
-def _tile_update(q, Ks, Vs, acc, b, h, i, n0, j_end, m, l, scale):
-    """decode_partial_kernel's online-softmax step over one tile (keys n0 .. j_end-1 of it);
-    returns the new (m, l) and updates acc."""
-    D = q.shape[3]
-    m_new = m
-    for jj in range(min(TILE, j_end - n0)):
-        dot = 0.0
-        for d in range(D):
-            dot += q[b, h, i, d] * Ks[jj, d]
-        x = dot * scale
-        m_new = x if (x != x or x > m_new) else m_new
-    if m_new == -math.inf:
-        return m, l
-    alpha = math.exp(m - m_new)
-    l *= alpha
-    for d in range(D):
-        acc[d] *= alpha
-    for jj in range(min(TILE, j_end - n0)):
-        dot = 0.0
-        for d in range(D):
-            dot += q[b, h, i, d] * Ks[jj, d]
-        p = math.exp(dot * scale - m_new)
-        l += p
-        for d in range(D):
-            acc[d] += p * Vs[jj, d]
-    return m_new, l
+    _write_partial(part_o, part_lse, acc, s, b, r, m, l)
 
 
 def mqa_decode_paged(q, k_pages, v_pages, block_table, seqlens, causal=False, scale=None, num_splits=2,
