@@ -1,0 +1,85 @@
+"""Develop kernels/08_flash_wgmma.cu on a GPU: build, check on the prefill grid, time against
+06_flash_mma and SDPA (every backend that runs) on the prefill suite's points.
+
+    python scripts/dev_wgmma.py [--out DIR] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fastmqa import bench, build, gridcheck  # noqa: E402
+from fastmqa import kernels as registry  # noqa: E402
+
+T0 = time.time()
+
+
+def stamp(msg):
+    print(f"[{time.time() - T0:6.1f} s] {msg}", flush=True)
+
+
+def wgmma_entry():
+    try:
+        return registry.get("08_flash_wgmma")
+    except KeyError:  # before it is registered: 06's entry with the new source, no backward
+        return dataclasses.replace(registry.get("06_flash_mma"), name="08_flash_wgmma", source="08_flash_wgmma.cu",
+                                   backward=None, backward_prototype=None, title="wgmma")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    build.extensions_dir()
+    new, old = wgmma_entry(), registry.get("06_flash_mma")
+    errs = build.build_all([new, old])
+    stamp(f"built: {errs}")
+    log = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    cases = gridcheck.run_grid(new, quick=args.quick)
+    log["grid"] = [dataclasses.asdict(c) for c in cases]
+    stamp("grid: " + gridcheck.summarize(cases))
+    for c in cases:
+        if not c.ok:
+            print("FAIL", dataclasses.asdict(c), flush=True)
+            break
+    timer = bench.Timer(reps=20, warmup=3, budget_s=1.0)
+    rows = []
+    pts = [(D, causal, S) for D in (128, 64) for causal in (False, True) for S in (512, 2048, 8192, 16384)]
+    if args.quick:
+        pts = [(128, False, 2048), (128, True, 8192), (64, False, 2048)]
+    for D, causal, S in pts:
+        B, H = 16384 // S, 32
+        gen = torch.Generator(device="cuda").manual_seed(S)
+        q = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(B, 1, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(B, 1, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        fl = bench.attention_flops(B, H, S, S, D, causal)
+        r = dict(D=D, causal=causal, S=S, B=B)
+        for kern in (new, old):
+            r[kern.name] = timer(kern.prepare(q, k, v, causal=causal)[0])
+        for impl, fn in bench.torch_paths(small=False).items():
+            if impl in ("torch.sdpa_expanded", "torch.sdpa_efficient", "torch.sdpa_math") or bench._first_working(fn, q, k, v, causal):
+                continue
+            r[impl] = timer(lambda: fn(q, k, v, causal))
+        rows.append(r)
+        tf = {n: fl / ms / 1e9 for n, ms in r.items() if isinstance(ms, float)}
+        stamp(f"D={D} causal={causal!s:5} S={S:5}: " + "  ".join(f"{n.replace('torch.', '')} {t:5.0f}" for n, t in tf.items())
+              + "  TFLOP/s")
+        del q, k, v
+    log["timing"] = rows
+    (out / "wgmma_dev.json").write_text(json.dumps(log, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
