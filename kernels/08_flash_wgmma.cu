@@ -50,8 +50,10 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const T* src, int j0, in
   }
 }
 
-template <typename T, int D, int BN>
-__global__ void __launch_bounds__(NT, 1)
+// ASYNC_PV: O += P V of tile t is left running while the next tile's S = Q K^T is issued (one
+// wait covers both); V's buffer then takes tile t+2 only after a second barrier.
+template <typename T, int D, int BN, int MINB, bool ASYNC_PV>
+__global__ void __launch_bounds__(NT, MINB)
 mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                        T* __restrict__ o, float* __restrict__ lse, int B, int H, int Sq, int Skv, float scale,
                        int causal, const Strides qs, const Strides os) {
@@ -121,10 +123,10 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
     else cp_async_wait_all();
     fence_async_shared();
     __syncthreads();  // tile t landed for everyone; every warpgroup is done with tile t-1's buffers
+    const uint32_t nb = ((t + 1) & 1) * C::KV_BYTES;
     if (t + 1 < n_tiles) {
-      const uint32_t nb = ((t + 1) & 1) * C::KV_BYTES;
       load_tile<BN, D>(sK0 + nb, kb, n0 + BN, Skv, tid);
-      load_tile<BN, D>(sV0 + nb, vb, n0 + BN, Skv, tid);
+      if (!ASYNC_PV) load_tile<BN, D>(sV0 + nb, vb, n0 + BN, Skv, tid);
     }
     cp_async_commit();
 
@@ -137,7 +139,12 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
       Wgmma<T, BN>::ss(s, da, db, ks > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
+    wgmma_wait<0>();  // (ASYNC_PV: also this warpgroup's P V of tile t-1)
+    if constexpr (ASYNC_PV) {
+      __syncthreads();  // every warpgroup's P V of tile t-1 is done: its V buffer takes tile t+1
+      if (t + 1 < n_tiles) load_tile<BN, D>(sV0 + nb, vb, n0 + BN, Skv, tid);
+      cp_async_commit();
+    }
 
     if (t >= mask_from) {  // only tiles that cross Skv or a causal diagonal
 #pragma unroll
@@ -186,8 +193,9 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
         acc_o[4 * n + 3] *= alpha[1];
       }
     }
-    if (t == 0) {  // V[0]: the group before the one just committed
-      cp_async_wait_1();
+    if (t == 0) {  // V[0]: the group before the one(s) just committed
+      if (ASYNC_PV) cp_async_wait_2();
+      else cp_async_wait_1();
       fence_async_shared();
       __syncthreads();
     }
@@ -197,8 +205,9 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
     for (int kk = 0; kk < C::KP; ++kk)
       Wgmma<T, D>::rs(acc_o, pa[kk], gmma_desc(sV + kk * 16 * 128, BN * 128, 1024), 1);
     wgmma_commit();
-    wgmma_wait<0>();
+    if (!ASYNC_PV) wgmma_wait<0>();
   }
+  wgmma_wait<0>();
   cp_async_wait_all();
   __syncthreads();  // every warpgroup's products are done before Q's tile is reused for staging
 
@@ -237,10 +246,10 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
   }
 }
 
-template <typename T, int D, int BN>
+template <typename T, int D, int BN, int MINB, bool ASYNC_PV = false>
 int launch(const MQAParams& p) {
   using C = Cfg<D, BN>;
-  auto kern = mqa_flash_wgmma_kernel<T, D, BN>;
+  auto kern = mqa_flash_wgmma_kernel<T, D, BN, MINB, ASYNC_PV>;
   if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM) != cudaSuccess)
     return FASTMQA_UNSUPPORTED;
   const int nmb = (p.H * p.Sq + BM - 1) / BM;
@@ -250,10 +259,22 @@ int launch(const MQAParams& p) {
   return 0;
 }
 
+// p.num_splits is unused by a prefill kernel; scripts/dev_wgmma.py passes cfg 1..3 to time tile
+// shapes with 2 CTAs an SM (registers capped at 128), 4 and 5 the ASYNC_PV versions; 0 is the default.
 template <typename T>
 int by_dim(const MQAParams& p) {
-  if (p.D == 128) return launch<T, 128, 128>(p);
-  if (p.D == 64) return launch<T, 64, 128>(p);
+  const int cfg = p.num_splits;
+  if (p.D == 128) {
+    if (cfg == 1) return launch<T, 128, 64, 2>(p);
+    if (cfg == 4) return launch<T, 128, 128, 1, true>(p);
+    return launch<T, 128, 128, 1>(p);
+  }
+  if (p.D == 64) {
+    if (cfg == 2) return launch<T, 64, 128, 2>(p);
+    if (cfg == 3) return launch<T, 64, 64, 2>(p);
+    if (cfg == 5) return launch<T, 64, 128, 1, true>(p);
+    return launch<T, 64, 128, 1>(p);
+  }
   return FASTMQA_UNSUPPORTED;
 }
 

@@ -53,6 +53,24 @@ def main():
         if not c.ok:
             print("FAIL", dataclasses.asdict(c), flush=True)
             break
+    # the tile-shape variants (num_splits = cfg, see by_dim in the .cu) on a few odd shapes
+    from fastmqa.check import compare
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    bad = 0
+    for D, cfgs in ((128, (1, 4)), (64, (2, 3, 5))):
+        for causal in (False, True):
+            for B, H, Sq, Skv in ((2, 32, 77, 77), (1, 8, 300, 515), (3, 4, 1, 200), (1, 32, 1000, 1000)):
+                q = torch.randn(B, H, Sq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+                k = torch.randn(B, 1, Skv, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+                v = torch.randn(B, 1, Skv, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+                for cfg in cfgs:
+                    run, o, _ = new.prepare(q, k, v, causal=causal, num_splits=cfg)
+                    run()
+                    r = compare(o, q, k, v, causal=causal)
+                    bad += not r.ok
+                    if not r.ok:
+                        print("FAIL cfg", cfg, D, causal, B, H, Sq, Skv, r, flush=True)
+    stamp(f"variants: {bad} failures")
     timer = bench.Timer(reps=20, warmup=3, budget_s=1.0)
     rows = []
     pts = [(D, causal, S) for D in (128, 64) for causal in (False, True) for S in (512, 2048, 8192, 16384)]
@@ -68,6 +86,8 @@ def main():
         r = dict(D=D, causal=causal, S=S, B=B)
         for kern in (new, old):
             r[kern.name] = timer(kern.prepare(q, k, v, causal=causal)[0])
+        for cfg in ((1, 4) if D == 128 else (2, 3, 5)):
+            r[f"08_cfg{cfg}"] = timer(new.prepare(q, k, v, causal=causal, num_splits=cfg)[0])
         for impl, fn in bench.torch_paths(small=False).items():
             if impl in ("torch.sdpa_expanded", "torch.sdpa_efficient", "torch.sdpa_math") or bench._first_working(fn, q, k, v, causal):
                 continue
