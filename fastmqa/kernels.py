@@ -43,6 +43,7 @@ class Kernel:
     strided_q: bool = False         # reads q and o through their strides (views need no copy)
     backward_prototype: str | None = None  # "module:function" of its backward's numba.cuda prototype
     paged: bool = False             # a decode kernel that also reads a paged cache (prepare_paged)
+    arch: tuple | None = None       # the one compute capability its code targets (wgmma: (9, 0)), else any
     extra: dict = field(default_factory=dict)
 
     # -- calling -----------------------------------------------------------------
@@ -56,6 +57,9 @@ class Kernel:
             return "causal=True"
         if self.max_sq is not None and Sq is not None and Sq > self.max_sq:
             return f"Sq={Sq} query rows (a decode kernel takes at most {self.max_sq})"
+        if self.arch is not None and torch.cuda.is_available() and torch.cuda.get_device_capability() != self.arch:
+            have = "%d.%d" % torch.cuda.get_device_capability()
+            return f"this GPU (compute capability {have}; the kernel needs {self.arch[0]}.{self.arch[1]})"
         return None
 
     def __call__(self, q, k, v, causal=False, scale=None, cache_seqlens=None, num_splits=0, return_lse=False):
@@ -320,6 +324,10 @@ REGISTRY: list[Kernel] = [
            "prefill", "06_flash_mma.cu", "07_tensor_cores", dtypes=(FP16, BF16), returns_lse=True,
            backward="07_flash_bwd.cu", strided_q=True,
            backward_prototype="fastmqa.prototypes.flash_bwd:mqa_flash_bwd",
+           prototype="fastmqa.prototypes.flash:mqa_flash_tiled", suites=("prefill",)),
+    Kernel("08_flash_wgmma", "Hopper: wgmma from shared-memory descriptors, two CTAs an SM (sm_90a)",
+           "prefill", "08_flash_wgmma.cu", "07_tensor_cores", dtypes=(FP16, BF16), returns_lse=True,
+           strided_q=True, arch=(9, 0),
            prototype="fastmqa.prototypes.flash:mqa_flash_tiled", suites=("prefill",)),
     # --- decode over a KV cache ---------------------------------------------------------
     Kernel("10_decode", "decode: all heads share each K/V tile, split-KV over CTAs + combine", "decode",

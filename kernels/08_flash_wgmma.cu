@@ -50,9 +50,7 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const T* src, int j0, in
   }
 }
 
-// ASYNC_PV: O += P V of tile t is left running while the next tile's S = Q K^T is issued (one
-// wait covers both); V's buffer then takes tile t+2 only after a second barrier.
-template <typename T, int D, int BN, int MINB, bool ASYNC_PV>
+template <typename T, int D, int BN, int MINB>
 __global__ void __launch_bounds__(NT, MINB)
 mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                        T* __restrict__ o, float* __restrict__ lse, int B, int H, int Sq, int Skv, float scale,
@@ -123,10 +121,10 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
     else cp_async_wait_all();
     fence_async_shared();
     __syncthreads();  // tile t landed for everyone; every warpgroup is done with tile t-1's buffers
-    const uint32_t nb = ((t + 1) & 1) * C::KV_BYTES;
     if (t + 1 < n_tiles) {
+      const uint32_t nb = ((t + 1) & 1) * C::KV_BYTES;
       load_tile<BN, D>(sK0 + nb, kb, n0 + BN, Skv, tid);
-      if (!ASYNC_PV) load_tile<BN, D>(sV0 + nb, vb, n0 + BN, Skv, tid);
+      load_tile<BN, D>(sV0 + nb, vb, n0 + BN, Skv, tid);
     }
     cp_async_commit();
 
@@ -139,12 +137,7 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
       Wgmma<T, BN>::ss(s, da, db, ks > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();  // (ASYNC_PV: also this warpgroup's P V of tile t-1)
-    if constexpr (ASYNC_PV) {
-      __syncthreads();  // every warpgroup's P V of tile t-1 is done: its V buffer takes tile t+1
-      if (t + 1 < n_tiles) load_tile<BN, D>(sV0 + nb, vb, n0 + BN, Skv, tid);
-      cp_async_commit();
-    }
+    wgmma_wait<0>();
 
     if (t >= mask_from) {  // only tiles that cross Skv or a causal diagonal
 #pragma unroll
@@ -193,9 +186,8 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
         acc_o[4 * n + 3] *= alpha[1];
       }
     }
-    if (t == 0) {  // V[0]: the group before the one(s) just committed
-      if (ASYNC_PV) cp_async_wait_2();
-      else cp_async_wait_1();
+    if (t == 0) {  // V[0]: the group before the one just committed
+      cp_async_wait_1();
       fence_async_shared();
       __syncthreads();
     }
@@ -205,9 +197,8 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
     for (int kk = 0; kk < C::KP; ++kk)
       Wgmma<T, D>::rs(acc_o, pa[kk], gmma_desc(sV + kk * 16 * 128, BN * 128, 1024), 1);
     wgmma_commit();
-    if (!ASYNC_PV) wgmma_wait<0>();
+    wgmma_wait<0>();
   }
-  wgmma_wait<0>();
   cp_async_wait_all();
   __syncthreads();  // every warpgroup's products are done before Q's tile is reused for staging
 
@@ -246,10 +237,10 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
   }
 }
 
-template <typename T, int D, int BN, int MINB, bool ASYNC_PV = false>
+template <typename T, int D, int BN, int MINB>
 int launch(const MQAParams& p) {
   using C = Cfg<D, BN>;
-  auto kern = mqa_flash_wgmma_kernel<T, D, BN, MINB, ASYNC_PV>;
+  auto kern = mqa_flash_wgmma_kernel<T, D, BN, MINB>;
   if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM) != cudaSuccess)
     return FASTMQA_UNSUPPORTED;
   const int nmb = (p.H * p.Sq + BM - 1) / BM;
@@ -259,21 +250,20 @@ int launch(const MQAParams& p) {
   return 0;
 }
 
-// p.num_splits is unused by a prefill kernel; scripts/dev_wgmma.py passes cfg 1..3 to time tile
-// shapes with 2 CTAs an SM (registers capped at 128), 4 and 5 the ASYNC_PV versions; 0 is the default.
+// Measured on the H100 (scripts/dev_wgmma.py, results/wgmma_dev.json): two CTAs an SM (registers
+// capped at 128) beat one CTA with 128-key tiles everywhere: while one CTA waits on its softmax or
+// a barrier, the other's products keep the tensor cores busy. D = 128 then takes 64-key tiles;
+// D = 64 takes 128-key tiles on long rows (a few spilled registers) and 64-key tiles up to 1k keys.
+// p.num_splits is unused by a prefill kernel; the dev script passes cfg 1..3 to time the shapes
+// (1: the first version, 128-key tiles at one CTA an SM; 2, 3: D = 64 with 128 / 64-key tiles).
 template <typename T>
 int by_dim(const MQAParams& p) {
   const int cfg = p.num_splits;
-  if (p.D == 128) {
-    if (cfg == 1) return launch<T, 128, 64, 2>(p);
-    if (cfg == 4) return launch<T, 128, 128, 1, true>(p);
-    return launch<T, 128, 128, 1>(p);
-  }
+  if (p.D == 128) return cfg == 1 ? launch<T, 128, 128, 1>(p) : launch<T, 128, 64, 2>(p);
   if (p.D == 64) {
-    if (cfg == 2) return launch<T, 64, 128, 2>(p);
-    if (cfg == 3) return launch<T, 64, 64, 2>(p);
-    if (cfg == 5) return launch<T, 64, 128, 1, true>(p);
-    return launch<T, 64, 128, 1>(p);
+    if (cfg == 1) return launch<T, 64, 128, 1>(p);
+    if (cfg == 2 || (cfg == 0 && p.Skv > 1024)) return launch<T, 64, 128, 2>(p);
+    return launch<T, 64, 64, 2>(p);
   }
   return FASTMQA_UNSUPPORTED;
 }

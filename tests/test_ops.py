@@ -227,6 +227,20 @@ def test_select_kernel_by_capability(monkeypatch):
     assert ops.select_kernel(torch.bfloat16, 128, True, "cpu") is None
 
 
+def test_select_kernel_skips_kernels_for_another_gpu(monkeypatch):
+    """08_flash_wgmma is sm_90a code: on any other GPU the dispatcher falls back to 06_flash_mma,
+    and the entry says why it does not run there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    wg = kernels.get("08_flash_wgmma")
+    assert "compute capability 8.0; the kernel needs 9.0" in wg.supports(torch.bfloat16, 128, False)
+    assert ops.select_kernel(torch.bfloat16, 128, True).name == "06_flash_mma"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert wg.supports(torch.bfloat16, 128, False) is None
+    assert ops.select_kernel(torch.bfloat16, 128, True).name == "08_flash_wgmma"
+    assert ops.select_kernel(torch.float32, 128, True).name == "05_flash_fp32"
+
+
 def test_cpu_uses_reference():
     q, k, v = qkv()
     assert torch.equal(mqa_attention(q, k, v), mqa_attention(q, k, v, impl="reference"))
