@@ -57,7 +57,7 @@ def main():
     from fastmqa.check import compare
     gen = torch.Generator(device="cuda").manual_seed(1)
     bad = 0
-    for D, cfgs in ((128, (1, 4)), (64, (2, 3, 5))):
+    for D, cfgs in ((128, (1,)), (64, (1, 2, 3))):
         for causal in (False, True):
             for B, H, Sq, Skv in ((2, 32, 77, 77), (1, 8, 300, 515), (3, 4, 1, 200), (1, 32, 1000, 1000)):
                 q = torch.randn(B, H, Sq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -86,7 +86,7 @@ def main():
         r = dict(D=D, causal=causal, S=S, B=B)
         for kern in (new, old):
             r[kern.name] = timer(kern.prepare(q, k, v, causal=causal)[0])
-        for cfg in ((1, 4) if D == 128 else (2, 3, 5)):
+        for cfg in ((1,) if D == 128 else (1, 2, 3)):
             r[f"08_cfg{cfg}"] = timer(new.prepare(q, k, v, causal=causal, num_splits=cfg)[0])
         for impl, fn in bench.torch_paths(small=False).items():
             if impl in ("torch.sdpa_expanded", "torch.sdpa_efficient", "torch.sdpa_math") or bench._first_working(fn, q, k, v, causal):
