@@ -29,6 +29,7 @@
 #include <type_traits>
 
 #include "mqa_params.cuh"
+#include "flash_block.cuh"  // the block's sequence, rows and key tiles
 #include "mma.cuh"  // PTX wrappers: cp.async, ldmatrix, ex2, mma.sync (Mma<T>)
 
 namespace {
@@ -86,18 +87,11 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D), strides qs
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, tq = lane & 3;  // mma fragment coordinates: row group, thread in quad
-  const int nmb = (H * Sq + BM - 1) / BM;
-  const int mb = nmb - 1 - (int)(blockIdx.x / B);  // the blocks with the most keys go first
-  const int b = blockIdx.x % B;
-  const int m0 = mb * BM, off = Skv - Sq;
+  // Packed rows (i, h): row m0 + r of the block is query i = (m0 + r) / H of head (m0 + r) % H.
+  const FlashBlock<BM, BN> blk(B, H, Sq, Skv, causal);
+  const int b = blk.b, m0 = blk.m0, off = blk.off, n_tiles = blk.n_tiles, mask_from = blk.mask_from;
   const T* kb = k + (size_t)b * Skv * D;
   const T* vb = v + (size_t)b * Skv * D;
-
-  // Packed rows (i, h): row m0 + r of the block is query i = (m0 + r) / H of head (m0 + r) % H.
-  const int i_first = m0 / H, i_last = min(Sq - 1, (m0 + BM - 1) / H);
-  const int kv_end = causal ? min(Skv, max(0, i_last + off + 1)) : Skv;
-  const int n_tiles = (kv_end + BN - 1) / BN;
-  const int mask_from = causal ? min(Skv / BN, max(0, i_first + off + 1) / BN) : Skv / BN;
 
   // K and V of the first tile start loading at once; Q after its row table is built.
   if (n_tiles > 0) load_kv<D, BN>(sK0, kb, 0, Skv, tid);

@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #include "mqa_params.cuh"
+#include "flash_block.cuh"  // the block's sequence, rows and key tiles
 #include "mma.cuh"    // cp.async, ex2, Mma<T>::pack
 #include "wgmma.cuh"  // descriptors, fences, Wgmma<T, N>
 
@@ -65,17 +66,10 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
   const int g = lane >> 2, tq = lane & 3;
-  const int nmb = (H * Sq + BM - 1) / BM;
-  const int mb = nmb - 1 - (int)(blockIdx.x / B);  // the blocks with the most keys go first
-  const int b = blockIdx.x % B;
-  const int m0 = mb * BM, off = Skv - Sq;
+  const FlashBlock<BM, BN> blk(B, H, Sq, Skv, causal);  // as in 06_flash_mma.cu
+  const int b = blk.b, m0 = blk.m0, off = blk.off, n_tiles = blk.n_tiles, mask_from = blk.mask_from;
   const T* kb = k + (size_t)b * Skv * D;
   const T* vb = v + (size_t)b * Skv * D;
-
-  const int i_first = m0 / H, i_last = min(Sq - 1, (m0 + BM - 1) / H);
-  const int kv_end = causal ? min(Skv, max(0, i_last + off + 1)) : Skv;
-  const int n_tiles = (kv_end + BN - 1) / BN;
-  const int mask_from = causal ? min(Skv / BN, max(0, i_first + off + 1) / BN) : Skv / BN;
 
   if (n_tiles > 0) load_tile<BN, D>(sK0, kb, 0, Skv, tid);
   if (tid < BM) {
