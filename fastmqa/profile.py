@@ -2,6 +2,8 @@
 
     python -m fastmqa.profile                          # the fp32 chapters at the seed shape
     python -m fastmqa.profile --kernels 02_smem_tiled,03_warp_shuffle --out results/ncu.json
+    python -m fastmqa.profile --kernels 06_flash_mma,08_flash_wgmma,torch.sdpa_flash,torch.sdpa_cudnn \
+        --shape 2,32,8192,128 --out results/ncu_prefill.json   # PyTorch's paths too (bf16)
 
 For each kernel the parent runs a small child process under
 
@@ -49,6 +51,11 @@ METRICS = {
     "smem_ld_wavefronts": ("l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum", "shared-memory load wavefronts"),
     "instructions": ("smsp__inst_executed.sum", "warp instructions executed"),
     "ffma_threads": ("smsp__sass_thread_inst_executed_op_ffma_pred_on.sum", "FFMA thread instructions"),
+    "tensor_pct": ("sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
+                   "tensor pipe (HMMA: mma.sync), % of active cycles"),
+    "tensor_gmma_pct": ("sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",
+                        "tensor pipe (GMMA: wgmma), % of active cycles"),
+    "issue_pct": ("sm__inst_issued.avg.pct_of_peak_sustained_active", "instruction issue slots used, % of active cycles"),
     "registers": ("launch__registers_per_thread", "registers per thread"),
     "smem_static": ("launch__shared_mem_per_block_static", "static shared memory per block, bytes"),
     "smem_dynamic": ("launch__shared_mem_per_block_dynamic", "dynamic shared memory per block, bytes"),
@@ -187,17 +194,24 @@ def shape_for(kern, B, H, S, D):
 def child(name, B, H, S, D, causal):
     import torch
 
-    from . import kernels
-    kern = kernels.get(name)
-    dtype, B, H, Sq, Skv, D = shape_for(kern, B, H, S, D)
+    from . import bench, kernels
+    if name.startswith("torch."):  # a PyTorch path of the benchmarks (bench.torch_paths), in bf16
+        kern, dtype, Sq, Skv = None, torch.bfloat16, S, S
+    else:
+        kern = kernels.get(name)
+        dtype, B, H, Sq, Skv, D = shape_for(kern, B, H, S, D)
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(B, H, Sq, D, device="cuda", dtype=dtype, generator=g)
     k = torch.randn(B, 1, Skv, D, device="cuda", dtype=dtype, generator=g)
     v = torch.randn(B, 1, Skv, D, device="cuda", dtype=dtype, generator=g)
-    kw = {}
-    if kern.kind == "decode":
-        kw["cache_seqlens"] = torch.full((B,), Skv, dtype=torch.int32, device="cuda")
-    launch = kern.prepare(q, k, v, causal=causal, **kw)[0]
+    if kern is None:
+        fn = bench.torch_paths(small=False)[name]
+        launch = lambda: fn(q, k, v, causal)  # noqa: E731
+    else:
+        kw = {}
+        if kern.kind == "decode":
+            kw["cache_seqlens"] = torch.full((B,), Skv, dtype=torch.int32, device="cuda")
+        launch = kern.prepare(q, k, v, causal=causal, **kw)[0]
     for _ in range(2):
         launch()
     torch.cuda.synchronize()
@@ -208,6 +222,12 @@ def child(name, B, H, S, D, causal):
     print(f"[profile child] {name} {str(dtype).replace('torch.', '')} B={B} H={H} Sq={Sq} Skv={Skv} D={D} causal={causal}")
 
 
+class _Torch:
+    """A PyTorch path of the benchmarks (`bench.torch_paths`, e.g. 'torch.sdpa_cudnn') as a profile target."""
+    def __init__(self, name):
+        self.name = name
+
+
 def profile(names, out, B, H, S, D, causal=False, timeout=900):
     import torch
 
@@ -215,8 +235,8 @@ def profile(names, out, B, H, S, D, causal=False, timeout=900):
     ncu = find_ncu()
     if ncu is None:
         raise SystemExit("ncu (Nsight Compute) not found: put it on PATH")
-    entries = [kernels.get(n) for n in names]
-    errs = {n: e for n, e in build.build_all(entries).items() if e is not None}
+    entries = [_Torch(n) if n.startswith("torch.") else kernels.get(n) for n in names]
+    errs = {n: e for n, e in build.build_all([e for e in entries if not isinstance(e, _Torch)]).items() if e is not None}
     for n, e in errs.items():
         print(f"[profile] {n}: build failed, skipped: {e}", file=sys.stderr)
     metrics = available_metrics(ncu, [m for m, _ in METRICS.values()])
@@ -286,7 +306,8 @@ def format_table(rows, cols=None) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m fastmqa.profile", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kernels", help="comma-separated registry names (default: the fp32 suite)")
+    ap.add_argument("--kernels", help="comma-separated registry names or PyTorch paths such as torch.sdpa_cudnn "
+                                      "(default: the fp32 suite)")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="JSON file to write (default results/ncu.json)")
     ap.add_argument("--shape", default="{B},{H},{S},{D}".format(**SEED), help="B,H,S,D (default the seed shape)")
     ap.add_argument("--causal", action="store_true")
@@ -301,7 +322,8 @@ def main(argv=None):
     from . import kernels
     names = [n.strip() for n in a.kernels.split(",") if n.strip()] if a.kernels else [k.name for k in kernels.in_suite("fp32")]
     for n in names:
-        kernels.get(n)  # a KeyError naming the known kernels
+        if not n.startswith("torch."):
+            kernels.get(n)  # a KeyError naming the known kernels
     data = profile(names, a.out, B, H, S, D, a.causal)
     print(format_table(table(data)))
     if data["failed"]:
