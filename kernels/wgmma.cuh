@@ -51,81 +51,52 @@ __device__ __forceinline__ void wgmma_wait() { FASTMQA_SM90A_ASM("wgmma.wait_gro
 __device__ __forceinline__ void fence_async_shared() { FASTMQA_SM90A_ASM("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 template <typename T, int N> struct Wgmma;
-// The four specialisations differ only in N (the accumulator registers) and the element type
-// (the "bf16" / "f16" in the instruction): two macros, each instantiated for both types.
-#define FASTMQA_WGMMA_N64(T, TY)                                                                                             \
-  template <> struct Wgmma<T, 64> {                                                                                          \
-    static __device__ __forceinline__ void ss(float (&d)[32], uint64_t da, uint64_t db, int scale_d) {                       \
-      FASTMQA_SM90A_ASM("{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n"                                                       \
-                   "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "                                               \
-                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                                  \
-                   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "                       \
-                   "%32, %33, p, 1, 1, 0, 0;\n}\n"                                                                           \
-                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),         \
-                     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),   \
-                     "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-                     "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])  \
-                   : "l"(da), "l"(db), "r"(scale_d));                                                                        \
-    }                                                                                                                        \
-    static __device__ __forceinline__ void rs(float (&d)[32], const uint32_t (&a)[4], uint64_t db, int scale_d) {            \
-      FASTMQA_SM90A_ASM("{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"                                                       \
-                   "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "                                               \
-                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                                  \
-                   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "                       \
-                   "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                                             \
-                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),         \
-                     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),   \
-                     "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-                     "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])  \
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));                                     \
-    }                                                                                                                        \
+// The four specialisations differ in N (N/2 accumulator registers a thread, so the numbers of the
+// operands after them) and the element type ("bf16" / "f16" in the instruction): one macro, with
+// the accumulators' register lists and constraints spelled out once per N.
+#define FASTMQA_REGS32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"  \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define FASTMQA_REGS64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"  \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"  \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"  \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define FASTMQA_OUTS32 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define FASTMQA_OUTS64 FASTMQA_OUTS32, \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+// ss operands after the accumulators: descriptor A, descriptor B, scale-d (SA, SA + 1, SA + 2);
+// rs operands: the 4 A registers, descriptor B, scale-d (SA .. SA + 5). Operand numbers as strings.
+#define FASTMQA_WGMMA(T, TY, N, REGS, OUTS, A0, A1, A2, A3, A4, A5)                                      \
+  template <> struct Wgmma<T, N> {                                                                        \
+    static __device__ __forceinline__ void ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) { \
+      FASTMQA_SM90A_ASM("{\n .reg .pred p;\n setp.ne.b32 p, %" A2 ", 0;\n"                               \
+                        "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " REGS ", "          \
+                        "%" A0 ", %" A1 ", p, 1, 1, 0, 0;\n}\n"                                             \
+                        : OUTS : "l"(da), "l"(db), "r"(scale_d));                                         \
+    }                                                                                                     \
+    static __device__ __forceinline__ void rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db,     \
+                                              int scale_d) {                                              \
+      FASTMQA_SM90A_ASM("{\n .reg .pred p;\n setp.ne.b32 p, %" A5 ", 0;\n"                               \
+                        "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " REGS ", "          \
+                        "{%" A0 ", %" A1 ", %" A2 ", %" A3 "}, %" A4 ", p, 1, 1, 1;\n}\n"                     \
+                        : OUTS : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));      \
+    }                                                                                                     \
   };
 
-#define FASTMQA_WGMMA_N128(T, TY)                                                                                            \
-  template <> struct Wgmma<T, 128> {                                                                                         \
-    static __device__ __forceinline__ void ss(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {                       \
-      FASTMQA_SM90A_ASM("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"                                                       \
-                   "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                                              \
-                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                                  \
-                   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"                         \
-                   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"                         \
-                   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                       \
-                   "%64, %65, p, 1, 1, 0, 0;\n}\n"                                                                           \
-                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),         \
-                     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),   \
-                     "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-                     "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-                     "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-                     "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-                     "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-                     "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])  \
-                   : "l"(da), "l"(db), "r"(scale_d));                                                                        \
-    }                                                                                                                        \
-    static __device__ __forceinline__ void rs(float (&d)[64], const uint32_t (&a)[4], uint64_t db, int scale_d) {            \
-      FASTMQA_SM90A_ASM("{\n .reg .pred p;\n setp.ne.b32 p, %69, 0;\n"                                                       \
-                   "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                                              \
-                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                                  \
-                   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"                         \
-                   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"                         \
-                   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                       \
-                   "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                                             \
-                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),         \
-                     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),   \
-                     "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-                     "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-                     "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-                     "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-                     "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-                     "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])  \
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));                                     \
-    }                                                                                                                        \
-  };
-
-FASTMQA_WGMMA_N64(__nv_bfloat16, "bf16")
-FASTMQA_WGMMA_N64(__half, "f16")
-FASTMQA_WGMMA_N128(__nv_bfloat16, "bf16")
-FASTMQA_WGMMA_N128(__half, "f16")
-#undef FASTMQA_WGMMA_N64
-#undef FASTMQA_WGMMA_N128
+FASTMQA_WGMMA(__nv_bfloat16, "bf16", 64, FASTMQA_REGS32, FASTMQA_OUTS32, "32", "33", "34", "35", "36", "37")
+FASTMQA_WGMMA(__half, "f16", 64, FASTMQA_REGS32, FASTMQA_OUTS32, "32", "33", "34", "35", "36", "37")
+FASTMQA_WGMMA(__nv_bfloat16, "bf16", 128, FASTMQA_REGS64, FASTMQA_OUTS64, "64", "65", "66", "67", "68", "69")
+FASTMQA_WGMMA(__half, "f16", 128, FASTMQA_REGS64, FASTMQA_OUTS64, "64", "65", "66", "67", "68", "69")
+#undef FASTMQA_WGMMA
+#undef FASTMQA_REGS32
+#undef FASTMQA_REGS64
+#undef FASTMQA_OUTS32
+#undef FASTMQA_OUTS64
 
 }  // namespace
