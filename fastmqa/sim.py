@@ -49,6 +49,9 @@ def setup(mode: str = "auto", quiet: bool = False) -> str:
         raise RuntimeError("mode='gpu' asked for, but no CUDA GPU is visible; use mode='sim' "
                            "(numba's CUDA simulator, on the CPU)")
     os.environ["NUMBA_ENABLE_CUDASIM"] = want_sim
+    # The prototypes launch teaching-sized grids on purpose; numba's "grid size N will likely
+    # result in GPU under-utilization" warning would fill every chapter's output (set it to 1 to see it).
+    os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
     _MODE = mode
     if not quiet:
         print(banner())

@@ -5,6 +5,8 @@ Tiny shapes only (the simulator runs every thread as a Python thread, and a simu
 shuffle costs about a millisecond): S = 1, odd S, Sq != Skv both ways (Sq > Skv with causal
 leaves rows that see no key), several K/V tiles and several row blocks, D = 64, causal and not.
 """
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -98,3 +100,14 @@ def test_reduce_scatter_numpy(C):
     assert shuffles == C - 1 + (32 // C).bit_length() - 1   # C - 1 exchanges, then log2(32 / C) plain steps
     plain, n_plain = warp_shuffle.reduce_scatter_numpy(parts, plain=True)
     assert n_plain == 5 * C and np.allclose(plain, parts.sum(0)[None, :])
+
+
+def test_setup_silences_the_low_occupancy_warning_unless_asked(monkeypatch):
+    """The chapters launch tiny grids on purpose: fastmqa.sim.setup turns numba's low-occupancy
+    warning off by default, and leaves a value the user set alone."""
+    monkeypatch.delenv("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", raising=False)
+    sim.setup(sim.mode(), quiet=True)
+    assert os.environ["NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS"] == "0"
+    monkeypatch.setenv("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "1")
+    sim.setup(sim.mode(), quiet=True)
+    assert os.environ["NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS"] == "1"
