@@ -222,12 +222,6 @@ def child(name, B, H, S, D, causal):
     print(f"[profile child] {name} {str(dtype).replace('torch.', '')} B={B} H={H} Sq={Sq} Skv={Skv} D={D} causal={causal}")
 
 
-class _Torch:
-    """A PyTorch path of the benchmarks (`bench.torch_paths`, e.g. 'torch.sdpa_cudnn') as a profile target."""
-    def __init__(self, name):
-        self.name = name
-
-
 def profile(names, out, B, H, S, D, causal=False, timeout=900):
     import torch
 
@@ -235,22 +229,23 @@ def profile(names, out, B, H, S, D, causal=False, timeout=900):
     ncu = find_ncu()
     if ncu is None:
         raise SystemExit("ncu (Nsight Compute) not found: put it on PATH")
-    entries = [_Torch(n) if n.startswith("torch.") else kernels.get(n) for n in names]
-    errs = {n: e for n, e in build.build_all([e for e in entries if not isinstance(e, _Torch)]).items() if e is not None}
+    # PyTorch's paths ("torch.sdpa_cudnn", bench.torch_paths) need no build
+    entries = [kernels.get(n) for n in names if not n.startswith("torch.")]
+    errs = {n: e for n, e in build.build_all(entries).items() if e is not None}
     for n, e in errs.items():
         print(f"[profile] {n}: build failed, skipped: {e}", file=sys.stderr)
     metrics = available_metrics(ncu, [m for m, _ in METRICS.values()])
     rows, failed = [], {}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    for kern in entries:
-        if kern.name in errs:
-            failed[kern.name] = "build failed"
+    for name in names:
+        if name in errs:
+            failed[name] = "build failed"
             continue
-        print(f"[profile] {kern.name} ...", flush=True)
+        print(f"[profile] {name} ...", flush=True)
         # If this ncu rejects a metric name the whole run fails: retry with the core set.
         for mset in (metrics, [m for m in metrics if m in CORE]):
             cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--csv", "--print-units", "base",
-                   "--metrics", ",".join(mset), sys.executable, "-m", "fastmqa.profile", "--child", kern.name,
+                   "--metrics", ",".join(mset), sys.executable, "-m", "fastmqa.profile", "--child", name,
                    "--shape", f"{B},{H},{S},{D}"] + (["--causal"] if causal else [])
             try:
                 res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -261,15 +256,15 @@ def profile(names, out, B, H, S, D, causal=False, timeout=900):
             if res.returncode == 0 and launches:
                 break
         if res is None:
-            failed[kern.name] = f"ncu took more than {timeout} s"
+            failed[name] = f"ncu took more than {timeout} s"
             continue
         if res.returncode != 0 or not launches:
             tail = (res.stderr or res.stdout).strip().splitlines()[-5:]
-            failed[kern.name] = f"ncu exit {res.returncode}: " + " | ".join(tail)
-            print(f"[profile] {kern.name} failed: {failed[kern.name]}", file=sys.stderr)
+            failed[name] = f"ncu exit {res.returncode}: " + " | ".join(tail)
+            print(f"[profile] {name} failed: {failed[name]}", file=sys.stderr)
             continue
         for launch in launches:
-            rows.append({"impl": kern.name, **launch})
+            rows.append({"impl": name, **launch})
     data = {"device": torch.cuda.get_device_name(0), "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "ncu": ncu, "clock_control": "none",
             "shape": dict(B=B, H=H, S=S, D=D, causal=causal), "metrics": {k: m for k, (m, _) in METRICS.items()},

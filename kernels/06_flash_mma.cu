@@ -29,7 +29,7 @@
 #include <type_traits>
 
 #include "mqa_params.cuh"
-#include "flash_block.cuh"  // the block's sequence, rows and key tiles
+#include "flash_block.cuh"  // the block's sequence, rows and key tiles; the launch
 #include "mma.cuh"  // PTX wrappers: cp.async, ldmatrix, ex2, mma.sync (Mma<T>)
 
 namespace {
@@ -54,8 +54,6 @@ __device__ __forceinline__ void load_kv(uint32_t dst, const T* src, int j0, int 
     cp_async16(dst + swz<D>(r, c), src + (size_t)(in ? j0 + r : 0) * D + c * 8, in);
   }
 }
-
-struct Strides { long long b, h, s; };  // element strides of the (B, H, Sq) dims of q or o
 
 template <typename T, int D, int BN, bool Q_IN_REGS>
 struct Cfg {
@@ -348,15 +346,7 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D), strides qs
 
 template <typename T, int D, int BN, bool QR, int MINB, bool FAST>
 int launch(const MQAParams& p) {
-  using C = Cfg<T, D, BN, QR>;
-  auto kern = mqa_flash_mma_kernel<T, D, BN, QR, MINB, FAST>;
-  if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM) != cudaSuccess)
-    return FASTMQA_UNSUPPORTED;
-  const int nmb = (p.H * p.Sq + BM - 1) / BM;
-  kern<<<nmb * p.B, NT, C::SMEM, p.stream>>>((const T*)p.q, (const T*)p.k, (const T*)p.v, (T*)p.o, p.lse, p.B, p.H,
-                                             p.Sq, p.Skv, p.scale, p.causal, Strides{p.q_sb, p.q_sh, p.q_ss},
-                                             Strides{p.o_sb, p.o_sh, p.o_ss});
-  return 0;
+  return launch_flash<T, BM, NT>(mqa_flash_mma_kernel<T, D, BN, QR, MINB, FAST>, Cfg<T, D, BN, QR>::SMEM, p);
 }
 
 template <typename T, bool FAST>

@@ -18,15 +18,13 @@
 #include <stdint.h>
 
 #include "mqa_params.cuh"
-#include "flash_block.cuh"  // the block's sequence, rows and key tiles
+#include "flash_block.cuh"  // the block's sequence, rows and key tiles; the launch
 #include "mma.cuh"    // cp.async, ex2, Mma<T>::pack
 #include "wgmma.cuh"  // descriptors, fences, Wgmma<T, N>
 
 namespace {
 
 constexpr int NWG = 2, NT = NWG * 128, BM = NWG * 64;  // 2 warpgroups x 64 packed rows
-
-struct Strides { long long b, h, s; };  // element strides of the (B, H, Sq) dims of q or o
 
 template <int D, int BN>
 struct Cfg {
@@ -233,15 +231,7 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
 
 template <typename T, int D, int BN, int MINB>
 int launch(const MQAParams& p) {
-  using C = Cfg<D, BN>;
-  auto kern = mqa_flash_wgmma_kernel<T, D, BN, MINB>;
-  if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM) != cudaSuccess)
-    return FASTMQA_UNSUPPORTED;
-  const int nmb = (p.H * p.Sq + BM - 1) / BM;
-  kern<<<nmb * p.B, NT, C::SMEM, p.stream>>>((const T*)p.q, (const T*)p.k, (const T*)p.v, (T*)p.o, p.lse, p.B, p.H,
-                                             p.Sq, p.Skv, p.scale, p.causal, Strides{p.q_sb, p.q_sh, p.q_ss},
-                                             Strides{p.o_sb, p.o_sh, p.o_ss});
-  return 0;
+  return launch_flash<T, BM, NT>(mqa_flash_wgmma_kernel<T, D, BN, MINB>, Cfg<D, BN>::SMEM, p);
 }
 
 // Measured on the H100 (scripts/dev_wgmma.py, results/wgmma_dev.json): two CTAs an SM (registers

@@ -4,8 +4,11 @@
 // sequence is query i = m / H of head m % H, so a block of BM rows holds every head of a few
 // query positions, and one K/V tile serves them all.
 #pragma once
+#include "mqa_params.cuh"
 
 namespace {
+
+struct Strides { long long b, h, s; };  // element strides of the (B, H, Sq) dims of q or o
 
 template <int BM, int BN>
 struct FlashBlock {
@@ -28,5 +31,20 @@ struct FlashBlock {
     mask_from = causal ? min(Skv / BN, max(0, i_first + off + 1) / BN) : Skv / BN;
   }
 };
+
+// Launch a fused prefill kernel (its signature below) over B x ceil(H Sq / BM) blocks of NT
+// threads with `smem` bytes of dynamic shared memory (the limit raised first).
+template <typename T, int BM, int NT>
+int launch_flash(void (*kern)(const T*, const T*, const T*, T*, float*, int, int, int, int, float, int,
+                              const Strides, const Strides),
+                 int smem, const MQAParams& p) {
+  if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
+    return FASTMQA_UNSUPPORTED;
+  const int nmb = (p.H * p.Sq + BM - 1) / BM;
+  kern<<<nmb * p.B, NT, smem, p.stream>>>((const T*)p.q, (const T*)p.k, (const T*)p.v, (T*)p.o, p.lse, p.B, p.H,
+                                          p.Sq, p.Skv, p.scale, p.causal, Strides{p.q_sb, p.q_sh, p.q_ss},
+                                          Strides{p.o_sb, p.o_sh, p.o_ss});
+  return 0;
+}
 
 }  // namespace

@@ -26,14 +26,6 @@ def stamp(msg):
     print(f"[{time.time() - T0:6.1f} s] {msg}", flush=True)
 
 
-def wgmma_entry():
-    try:
-        return registry.get("08_flash_wgmma")
-    except KeyError:  # before it is registered: 06's entry with the new source, no backward
-        return dataclasses.replace(registry.get("06_flash_mma"), name="08_flash_wgmma", source="08_flash_wgmma.cu",
-                                   backward=None, backward_prototype=None, title="wgmma")
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -42,7 +34,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     build.extensions_dir()
-    new, old = wgmma_entry(), registry.get("06_flash_mma")
+    new, old = registry.get("08_flash_wgmma"), registry.get("06_flash_mma")
     errs = build.build_all([new, old])
     stamp(f"built: {errs}")
     log = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
