@@ -329,6 +329,9 @@ REGISTRY: list[Kernel] = [
            "prefill", "08_flash_wgmma.cu", "07_tensor_cores", dtypes=(FP16, BF16), returns_lse=True,
            strided_q=True, arch=(9, 0),
            prototype="fastmqa.prototypes.flash:mqa_flash_tiled", suites=("prefill",)),
+    Kernel("09_flash_3xtf32", "fp32 on tensor cores: 3xTF32 split products in the fused kernel",
+           "prefill", "09_flash_3xtf32.cu", "07_tensor_cores", returns_lse=True, strided_q=True,
+           prototype="fastmqa.prototypes.tf32:mqa_flash_3xtf32", suites=("fp32",)),
     # --- decode over a KV cache ---------------------------------------------------------
     Kernel("10_decode", "decode: all heads share each K/V tile, split-KV over CTAs + combine", "decode",
            "10_decode.cu", "08_decode", dtypes=(FP16, BF16), head_dims=(64, 128), max_sq=8,

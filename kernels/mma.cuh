@@ -1,6 +1,6 @@
 // mma.cuh — the PTX wrappers of the tensor-core kernels (06_flash_mma.cu and its backward,
-// 07_flash_bwd.cu): cp.async, ldmatrix, ex2.approx and mma.sync m16n8k16 for bf16 and fp16 with
-// fp32 accumulators (chapter 7 explains each). Everything sits in an anonymous namespace, like the
+// 07_flash_bwd.cu, 09_flash_3xtf32.cu): cp.async, ldmatrix, ex2.approx, mma.sync m16n8k16 for bf16
+// and fp16 and m16n8k8 for tf32, all with fp32 accumulators (chapter 7 explains each). Everything sits in an anonymous namespace, like the
 // rest of a kernel file.
 #pragma once
 #include <cuda_bf16.h>
@@ -67,5 +67,20 @@ template <> struct Mma<__half> {
     return __half22float2(*reinterpret_cast<__half2*>(&u));
   }
 };
+
+// TF32 (09_flash_3xtf32.cu): an fp32 value rounded to 10 explicit mantissa bits, held in a 32-bit
+// register whose low 13 bits are zero. c += a (16x8, row) * b (8x8, col); fp32 accumulators.
+// Fragments (g = lane / 4, t = lane % 4): a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4);
+// b0 (k = t, n = g), b1 (k = t + 4, n = g); c as for m16n8k16: (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1).
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t tf32_rna(float x) {  // round to nearest, ties away from zero
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
 
 }  // namespace
