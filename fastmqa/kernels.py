@@ -242,6 +242,11 @@ def _scores_bytes(B, H, Sq, Skv, D, dtype, num_splits):
     return B * H * Sq * Skv * 4
 
 
+def _split_kv_bytes(B, H, Sq, Skv, D, dtype, num_splits):
+    """Bytes of 09_flash_3xtf32's workspace: K's two TF32 parts and V's three, Skv padded to its 32-key tile."""
+    return 5 * B * (-(-Skv // 32) * 32) * D * 4
+
+
 def empty_bshd(q, dtype=None):
     """An uninitialised (B, H, Sq, D) tensor like q whose memory is (B, Sq, H, D): the layout the
     strided kernels write, the layout of a layer's projections (so `o.transpose(1, 2)` is free)."""
@@ -331,6 +336,7 @@ REGISTRY: list[Kernel] = [
            prototype="fastmqa.prototypes.flash:mqa_flash_tiled", suites=("prefill",)),
     Kernel("09_flash_3xtf32", "fp32 on tensor cores: 3xTF32 split products in the fused kernel",
            "prefill", "09_flash_3xtf32.cu", "07_tensor_cores", returns_lse=True, strided_q=True,
+           workspace=_split_kv_bytes,
            prototype="fastmqa.prototypes.tf32:mqa_flash_3xtf32", suites=("fp32",)),
     # --- decode over a KV cache ---------------------------------------------------------
     Kernel("10_decode", "decode: all heads share each K/V tile, split-KV over CTAs + combine", "decode",
