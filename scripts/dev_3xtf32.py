@@ -57,6 +57,7 @@ def main():
                     r = compare(o, q, k, v, causal=causal)
                     bad += not r.ok
                     worst[cfg] = max(worst[cfg], r.max_err / r.tol)
+    log["variants"] = {str(c): w for c, w in worst.items()}
     stamp(f"variants: {bad} failures, worst err/tol by cfg {worst}")
     # tests/test_numerics.py::test_registry_kernel_extreme_scales' cases, for every cfg
     scales = {"inputs x1e6": (1e6, None), "inputs x1e-6": (1e-6, None), "scale 1e-3": (1.0, 1e-3), "scale 1e3": (1.0, 1e3)}

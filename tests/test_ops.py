@@ -238,7 +238,7 @@ def test_select_kernel_skips_kernels_for_another_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert wg.supports(torch.bfloat16, 128, False) is None
     assert ops.select_kernel(torch.bfloat16, 128, True).name == "08_flash_wgmma"
-    assert ops.select_kernel(torch.float32, 128, True).name == "05_flash_fp32"
+    assert ops.select_kernel(torch.float32, 128, True).name == "09_flash_3xtf32"
 
 
 def test_cpu_uses_reference():
