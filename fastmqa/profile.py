@@ -195,8 +195,14 @@ def child(name, B, H, S, D, causal):
     import torch
 
     from . import bench, kernels
-    if name.startswith("torch."):  # a PyTorch path of the benchmarks (bench.torch_paths), in bf16
-        kern, dtype, Sq, Skv = None, torch.bfloat16, S, S
+    if name.startswith("torch."):  # a PyTorch path of the benchmarks (bench.torch_paths): bf16, or the
+        # dtype after an "@" ("torch.sdpa_efficient@float32": PyTorch's fp32 path, TF32 matmuls off)
+        path, _, dt = name.partition("@")
+        dtype = getattr(torch, dt or "bfloat16", None)
+        if not isinstance(dtype, torch.dtype):
+            raise SystemExit(f"unknown dtype {dt!r} in {name!r} (e.g. torch.sdpa_efficient@float32)")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        kern, Sq, Skv = None, S, S
     else:
         kern = kernels.get(name)
         dtype, B, H, Sq, Skv, D = shape_for(kern, B, H, S, D)
@@ -205,7 +211,7 @@ def child(name, B, H, S, D, causal):
     k = torch.randn(B, 1, Skv, D, device="cuda", dtype=dtype, generator=g)
     v = torch.randn(B, 1, Skv, D, device="cuda", dtype=dtype, generator=g)
     if kern is None:
-        fn = bench.torch_paths(small=False)[name]
+        fn = bench.torch_paths(small=False)[path]
         launch = lambda: fn(q, k, v, causal)  # noqa: E731
     else:
         kw = {}
@@ -302,7 +308,7 @@ def format_table(rows, cols=None) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m fastmqa.profile", description=__doc__.split("\n\n")[0])
     ap.add_argument("--kernels", help="comma-separated registry names or PyTorch paths such as torch.sdpa_cudnn "
-                                      "(default: the fp32 suite)")
+                                      "(bf16; torch.sdpa_efficient@float32 for another dtype) (default: the fp32 suite)")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="JSON file to write (default results/ncu.json)")
     ap.add_argument("--shape", default="{B},{H},{S},{D}".format(**SEED), help="B,H,S,D (default the seed shape)")
     ap.add_argument("--causal", action="store_true")

@@ -46,14 +46,17 @@ namespace {
 
 constexpr int NWARPS = 4, NT = NWARPS * 32, BM = NWARPS * 16, BN = 32;
 
-// x = big + small in TF32 (both rounded to nearest); x = v1 + v2 + v3 exactly.
+// x = big + small in TF32 (both rounded to nearest); x = v1 + v2 + v3 exactly. An infinite x
+// is all big (inf - inf would make the small part NaN); FINITE: the caller knows x is finite.
+template <bool FINITE = false>
 __device__ __forceinline__ void split2(float x, uint32_t& big, uint32_t& small) {
   big = tf32_rna(x);
-  small = tf32_rna(x - __uint_as_float(big));
+  const float r = x - __uint_as_float(big);
+  small = tf32_rna(FINITE || !isinf(x) ? r : 0.f);
 }
 __device__ __forceinline__ void split3(float x, float& v1, float& v2, float& v3) {
   v1 = __uint_as_float(tf32_rna(x));
-  const float r = x - v1;  // exact: at most 13 significant bits
+  const float r = isinf(x) ? 0.f : x - v1;  // exact: at most 13 significant bits
   v2 = __uint_as_float(tf32_rna(r));
   v3 = r - v2;  // exact, at most 2 significant bits: a TF32 value already
 }
@@ -286,10 +289,10 @@ mqa_flash_3xtf32_kernel(const float* __restrict__ q,  // (B, H, Sq, D), strides 
     uint32_t p_big[C::NS][4], p_small[C::NS][4];
 #pragma unroll
     for (int kk = 0; kk < C::NS; ++kk) {
-      split2(s[kk][0], p_big[kk][0], p_small[kk][0]);
-      split2(s[kk][2], p_big[kk][1], p_small[kk][1]);
-      split2(s[kk][1], p_big[kk][2], p_small[kk][2]);
-      split2(s[kk][3], p_big[kk][3], p_small[kk][3]);
+      split2<true>(s[kk][0], p_big[kk][0], p_small[kk][0]);
+      split2<true>(s[kk][2], p_big[kk][1], p_small[kk][1]);
+      split2<true>(s[kk][1], p_big[kk][2], p_small[kk][2]);
+      split2<true>(s[kk][3], p_big[kk][3], p_small[kk][3]);
     }
 
     cp_async_wait_all();  // V[t]
