@@ -47,18 +47,24 @@ namespace {
 constexpr int NWARPS = 4, NT = NWARPS * 32, BM = NWARPS * 16, BN = 32;
 
 // x = big + small in TF32 (both rounded to nearest); x = v1 + v2 + v3 exactly. An infinite x
-// is all big (inf - inf would make the small part NaN); FINITE: the caller knows x is finite.
+// goes whole into the part that only meets the other operand's big part (small; v2), with zeros
+// elsewhere: the mma's 0 * inf would otherwise give NaN where fp32 gives inf (x * 0 is NaN there
+// too). FINITE: the caller knows x is finite (P).
 template <bool FINITE = false>
 __device__ __forceinline__ void split2(float x, uint32_t& big, uint32_t& small) {
-  big = tf32_rna(x);
-  const float r = x - __uint_as_float(big);
-  small = tf32_rna(FINITE || !isinf(x) ? r : 0.f);
+  const uint32_t b = tf32_rna(x);
+  const uint32_t s = tf32_rna(x - __uint_as_float(b));
+  const bool inf = !FINITE && isinf(x);
+  big = inf ? 0u : b;
+  small = inf ? __float_as_uint(x) : s;
 }
 __device__ __forceinline__ void split3(float x, float& v1, float& v2, float& v3) {
-  v1 = __uint_as_float(tf32_rna(x));
-  const float r = isinf(x) ? 0.f : x - v1;  // exact: at most 13 significant bits
-  v2 = __uint_as_float(tf32_rna(r));
-  v3 = r - v2;  // exact, at most 2 significant bits: a TF32 value already
+  const bool inf = isinf(x);
+  const float a = __uint_as_float(tf32_rna(x)), r = x - a;  // r exact: at most 13 significant bits
+  const float b = __uint_as_float(tf32_rna(r));
+  v1 = inf ? 0.f : a;
+  v2 = inf ? x : b;
+  v3 = inf ? 0.f : r - b;  // exact, at most 2 significant bits: a TF32 value already
 }
 
 // The workspace: K's parts (B, Sp, D) big then small, V's parts (B, D, Sp) v1, v2, v3.
