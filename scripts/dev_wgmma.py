@@ -30,7 +30,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--cfgs", default=None, help="comma-separated cfgs (p.num_splits) to check and time at both "
+                                                  "head dims (default: 1 at D=128, 1,2,3 at D=64)")
+    ap.add_argument("--json", default="wgmma_dev.json", help="file name under --out")
     args = ap.parse_args()
+    cfgs_for = (lambda D: tuple(int(c) for c in args.cfgs.split(","))) if args.cfgs else \
+        (lambda D: (1,) if D == 128 else (1, 2, 3))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     build.extensions_dir()
@@ -49,7 +54,7 @@ def main():
     from fastmqa.check import compare
     gen = torch.Generator(device="cuda").manual_seed(1)
     bad = 0
-    for D, cfgs in ((128, (1,)), (64, (1, 2, 3))):
+    for D, cfgs in ((128, cfgs_for(128)), (64, cfgs_for(64))):
         for causal in (False, True):
             for B, H, Sq, Skv in ((2, 32, 77, 77), (1, 8, 300, 515), (3, 4, 1, 200), (1, 32, 1000, 1000)):
                 q = torch.randn(B, H, Sq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -78,7 +83,7 @@ def main():
         r = dict(D=D, causal=causal, S=S, B=B)
         for kern in (new, old):
             r[kern.name] = timer(kern.prepare(q, k, v, causal=causal)[0])
-        for cfg in ((1,) if D == 128 else (1, 2, 3)):
+        for cfg in cfgs_for(D):
             r[f"08_cfg{cfg}"] = timer(new.prepare(q, k, v, causal=causal, num_splits=cfg)[0])
         for impl, fn in bench.torch_paths(small=False).items():
             if impl in ("torch.sdpa_expanded", "torch.sdpa_efficient", "torch.sdpa_math") or bench._first_working(fn, q, k, v, causal):
@@ -90,7 +95,7 @@ def main():
               + "  TFLOP/s")
         del q, k, v
     log["timing"] = rows
-    (out / "wgmma_dev.json").write_text(json.dumps(log, indent=1, default=str))
+    (out / args.json).write_text(json.dumps(log, indent=1, default=str))
 
 
 if __name__ == "__main__":
