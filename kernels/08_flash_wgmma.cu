@@ -49,71 +49,7 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const T* src, int j0, in
   }
 }
 
-// The online softmax of one (64, BN) score tile in wgmma's accumulator layout (element 4n + e of a
-// thread: row g + 8 (e >> 1), column 8n + 2tq + (e & 1)): masks if asked (tiles that cross Skv or
-// a causal diagonal), updates the running max and sum of the thread's 2 rows, leaves P in s and
-// the rescale factors exp(m_old - m_new) in alpha.
-template <int BN>
-__device__ __forceinline__ void softmax_tile(float (&s)[BN / 2], float (&m_run)[2], float (&l_run)[2],
-                                             float (&alpha)[2], const int (&jlim)[2], int n0, bool mask,
-                                             float scale_log2, int tq) {
-  if (mask) {
-#pragma unroll
-    for (int n = 0; n < BN / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (n0 + n * 8 + 2 * tq + (e & 1) > jlim[e >> 1]) s[4 * n + e] = -INFINITY;
-  }
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    float mx = m_run[hf];
-#pragma unroll
-    for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    // Unfused exponents round(s * scale_log2) - m_scaled, as in 06_flash_mma.cu (exact at x1e6).
-    const float m_scaled = mx == -INFINITY ? 0.f : __fmul_rn(mx, scale_log2);
-    alpha[hf] = ex2(__fmul_rn(m_run[hf], scale_log2) - m_scaled);
-    m_run[hf] = mx;
-    float ls = 0.f;
-#pragma unroll
-    for (int n = 0; n < BN / 8; ++n) {
-      const float p0 = ex2(__fmul_rn(s[4 * n + 2 * hf], scale_log2) - m_scaled);
-      const float p1 = ex2(__fmul_rn(s[4 * n + 2 * hf + 1], scale_log2) - m_scaled);
-      s[4 * n + 2 * hf] = p0;
-      s[4 * n + 2 * hf + 1] = p1;
-      ls += p0 + p1;
-    }
-    l_run[hf] = l_run[hf] * alpha[hf] + ls;
-  }
-}
-// P to 16 bits: columns 16kk .. 16kk+15 of P are the A fragment of k-step kk of O += P V.
-template <typename T, int BN>
-__device__ __forceinline__ void pack_p(const float (&s)[BN / 2], uint32_t (&pa)[BN / 16][4]) {
-#pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) pa[kk][e] = Mma<T>::pack(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1]);
-}
-// O *= alpha, skipped by the warp when no row's max moved (most tiles of a long row).
-template <int D>
-__device__ __forceinline__ void rescale(float (&acc_o)[D / 2], const float (&alpha)[2]) {
-  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      acc_o[4 * n + 0] *= alpha[0];
-      acc_o[4 * n + 1] *= alpha[0];
-      acc_o[4 * n + 2] *= alpha[1];
-      acc_o[4 * n + 3] *= alpha[1];
-    }
-  }
-}
-
-// PIPE: FlashAttention-3's intra-warpgroup pipelining. Tile j's S = Q K_j^T and tile j-1's
-// O += P V_{j-1} are issued together; the softmax of tile j runs on the CUDA cores while the
-// tensor cores still work on P V_{j-1}. Costs a tile of P held across the products, and the
-// K and V of different tiles in use at once (both stay double-buffered).
-template <typename T, int D, int BN, int MINB, bool PIPE>
+template <typename T, int D, int BN, int MINB>
 __global__ void __launch_bounds__(NT, MINB)
 mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                        T* __restrict__ o, float* __restrict__ lse, int B, int H, int Sq, int Skv, float scale,
@@ -170,95 +106,90 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   const uint32_t q_rows = sQ + wg * 64 * 128;  // this warpgroup's 64 rows of Q (within each atom)
 
-  uint32_t pa[C::KP][4];  // P of the tile whose P V comes next, as wgmma A fragments
-  float alpha[2];
-  auto issue_s = [&](uint32_t sK) {  // S = Q K^T: (64, BN) per warpgroup; k-step ks reads 16
-#pragma unroll                         // columns (32 bytes) of a 64-column atom
+  for (int t = 0; t < n_tiles; ++t) {
+    const int n0 = t * BN;
+    const uint32_t sK = sK0 + (t & 1) * C::KV_BYTES, sV = sV0 + (t & 1) * C::KV_BYTES;
+    if (t == 0) cp_async_wait_1();  // Q and K[0]
+    else cp_async_wait_all();
+    fence_async_shared();
+    __syncthreads();  // tile t landed for everyone; every warpgroup is done with tile t-1's buffers
+    if (t + 1 < n_tiles) {
+      const uint32_t nb = ((t + 1) & 1) * C::KV_BYTES;
+      load_tile<BN, D>(sK0 + nb, kb, n0 + BN, Skv, tid);
+      load_tile<BN, D>(sV0 + nb, vb, n0 + BN, Skv, tid);
+    }
+    cp_async_commit();
+
+    // S = Q K^T: (64, BN) per warpgroup; k-step ks reads 16 columns (32 bytes) of a 64-column atom.
+    wgmma_fence();
+#pragma unroll
     for (int ks = 0; ks < C::KS; ++ks) {
       const uint64_t da = gmma_desc(q_rows + (ks >> 2) * (BM * 128) + (ks & 3) * 32, 16, 1024);
       const uint64_t db = gmma_desc(sK + (ks >> 2) * (BN * 128) + (ks & 3) * 32, 16, 1024);
       Wgmma<T, BN>::ss(s, da, db, ks > 0);
     }
     wgmma_commit();
-  };
-  auto issue_pv = [&](uint32_t sV) {  // O += P V: k-step kk is keys 16kk .. 16kk+15 (16 rows of
-#pragma unroll                          // 128 bytes in every atom of V)
-    for (int kk = 0; kk < C::KP; ++kk) Wgmma<T, D>::rs(acc_o, pa[kk], gmma_desc(sV + kk * 16 * 128, BN * 128, 1024), 1);
-    wgmma_commit();
-  };
+    wgmma_wait<0>();
 
-  if constexpr (!PIPE) {
-    for (int t = 0; t < n_tiles; ++t) {
-      const int n0 = t * BN;
-      const uint32_t sK = sK0 + (t & 1) * C::KV_BYTES, sV = sV0 + (t & 1) * C::KV_BYTES;
-      if (t == 0) cp_async_wait_1();  // Q and K[0]
-      else cp_async_wait_all();
-      fence_async_shared();
-      __syncthreads();  // tile t landed for everyone; every warpgroup is done with tile t-1's buffers
-      if (t + 1 < n_tiles) {
-        const uint32_t nb = ((t + 1) & 1) * C::KV_BYTES;
-        load_tile<BN, D>(sK0 + nb, kb, n0 + BN, Skv, tid);
-        load_tile<BN, D>(sV0 + nb, vb, n0 + BN, Skv, tid);
-      }
-      cp_async_commit();
-      wgmma_fence();
-      issue_s(sK);
-      wgmma_wait<0>();
-      reg_fence(s);
-      softmax_tile<BN>(s, m_run, l_run, alpha, jlim, n0, t >= mask_from, scale_log2, tq);
-      pack_p<T, BN>(s, pa);
-      rescale<D>(acc_o, alpha);
-      if (t == 0) {  // V[0]: the group before the one just committed
-        cp_async_wait_1();
-        fence_async_shared();
-        __syncthreads();
-      }
-      wgmma_fence();
-      issue_pv(sV);
-      wgmma_wait<0>();
-      reg_fence(acc_o);
-      reg_fence(pa);
+    if (t >= mask_from) {  // only tiles that cross Skv or a causal diagonal
+#pragma unroll
+      for (int n = 0; n < C::NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (n0 + n * 8 + 2 * tq + (e & 1) > jlim[e >> 1]) s[4 * n + e] = -INFINITY;
     }
-  } else if (n_tiles > 0) {
-    // Tile j's K and V sit in buffer j & 1. Prologue: S_0 and its softmax (O is still 0).
-    cp_async_wait_1();  // Q and K[0]; V[0] may be in flight
-    fence_async_shared();
-    __syncthreads();
-    if (n_tiles > 1) load_tile<BN, D>(sK0 + C::KV_BYTES, kb, BN, Skv, tid);
-    cp_async_commit();  // group: K[1]
-    wgmma_fence();
-    issue_s(sK0);
-    wgmma_wait<0>();
-    reg_fence(s);
-    softmax_tile<BN>(s, m_run, l_run, alpha, jlim, 0, 0 >= mask_from, scale_log2, tq);
-    pack_p<T, BN>(s, pa);
-    for (int j = 1; j < n_tiles; ++j) {
-      cp_async_wait_all();  // K[j] and V[j-1]
-      fence_async_shared();
-      __syncthreads();  // ... landed for everyone; every warpgroup is done with K[j-1] and V[j-2]
-      if (j + 1 < n_tiles) load_tile<BN, D>(sK0 + ((j + 1) & 1) * C::KV_BYTES, kb, (j + 1) * BN, Skv, tid);
-      load_tile<BN, D>(sV0 + (j & 1) * C::KV_BYTES, vb, j * BN, Skv, tid);
-      cp_async_commit();  // group: K[j+1], V[j]
-      wgmma_fence();
-      issue_s(sK0 + (j & 1) * C::KV_BYTES);
-      issue_pv(sV0 + ((j - 1) & 1) * C::KV_BYTES);
-      wgmma_wait<1>();  // S_j is done; P V_{j-1} may still run
-      reg_fence(s);
-      softmax_tile<BN>(s, m_run, l_run, alpha, jlim, j * BN, j >= mask_from, scale_log2, tq);
-      wgmma_wait<0>();  // P V_{j-1} is done: O and P's registers are free
-      reg_fence(acc_o);
-      reg_fence(pa);
-      rescale<D>(acc_o, alpha);
-      pack_p<T, BN>(s, pa);
+    float alpha[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float mx = m_run[hf];
+#pragma unroll
+      for (int n = 0; n < C::NS; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // Unfused exponents round(s * scale_log2) - m_scaled, as in 06_flash_mma.cu (exact at x1e6).
+      const float m_scaled = mx == -INFINITY ? 0.f : __fmul_rn(mx, scale_log2);
+      alpha[hf] = ex2(__fmul_rn(m_run[hf], scale_log2) - m_scaled);
+      m_run[hf] = mx;
+      float ls = 0.f;
+#pragma unroll
+      for (int n = 0; n < C::NS; ++n) {
+        const float p0 = ex2(__fmul_rn(s[4 * n + 2 * hf], scale_log2) - m_scaled);
+        const float p1 = ex2(__fmul_rn(s[4 * n + 2 * hf + 1], scale_log2) - m_scaled);
+        s[4 * n + 2 * hf] = p0;
+        s[4 * n + 2 * hf + 1] = p1;
+        ls += p0 + p1;
+      }
+      l_run[hf] = l_run[hf] * alpha[hf] + ls;
     }
-    cp_async_wait_all();  // V[n_tiles - 1]
-    fence_async_shared();
-    __syncthreads();
+    uint32_t pa[C::KP][4];  // columns 16kk .. 16kk+15 of P: the A fragment of k-step kk
+#pragma unroll
+    for (int kk = 0; kk < C::KP; ++kk) {
+      pa[kk][0] = Mma<T>::pack(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = Mma<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = Mma<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = Mma<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+      for (int n = 0; n < C::NO; ++n) {
+        acc_o[4 * n + 0] *= alpha[0];
+        acc_o[4 * n + 1] *= alpha[0];
+        acc_o[4 * n + 2] *= alpha[1];
+        acc_o[4 * n + 3] *= alpha[1];
+      }
+    }
+    if (t == 0) {  // V[0]: the group before the one just committed
+      cp_async_wait_1();
+      fence_async_shared();
+      __syncthreads();
+    }
+    // O += P V: k-step kk is keys 16kk .. 16kk+15 (16 rows of 128 bytes in every atom of V).
     wgmma_fence();
-    issue_pv(sV0 + ((n_tiles - 1) & 1) * C::KV_BYTES);
+#pragma unroll
+    for (int kk = 0; kk < C::KP; ++kk)
+      Wgmma<T, D>::rs(acc_o, pa[kk], gmma_desc(sV + kk * 16 * 128, BN * 128, 1024), 1);
+    wgmma_commit();
     wgmma_wait<0>();
-    reg_fence(acc_o);
-    reg_fence(pa);
   }
   cp_async_wait_all();
   __syncthreads();  // every warpgroup's products are done before Q's tile is reused for staging
@@ -298,9 +229,9 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
   }
 }
 
-template <typename T, int D, int BN, int MINB, bool PIPE = false>
+template <typename T, int D, int BN, int MINB>
 int launch(const MQAParams& p) {
-  return launch_flash<T, BM, NT>(mqa_flash_wgmma_kernel<T, D, BN, MINB, PIPE>, Cfg<D, BN>::SMEM, p);
+  return launch_flash<T, BM, NT>(mqa_flash_wgmma_kernel<T, D, BN, MINB>, Cfg<D, BN>::SMEM, p);
 }
 
 // Measured on the H100 (scripts/dev_wgmma.py, results/wgmma_dev.json): two CTAs an SM (registers
@@ -309,15 +240,9 @@ int launch(const MQAParams& p) {
 // D = 64 takes 128-key tiles on long rows (a few spilled registers) and 64-key tiles up to 1k keys.
 // p.num_splits is unused by a prefill kernel; the dev script passes cfg 1..3 to time the shapes
 // (1: the first version, 128-key tiles at one CTA an SM; 2, 3: D = 64 with 128 / 64-key tiles).
-// cfg 4..6: the pipelined loop (PIPE) with the default tile shapes at two CTAs an SM (4), at one
-// (5: no register cap below 255), and with 128-key tiles at one CTA an SM (6).
 template <typename T>
 int by_dim(const MQAParams& p) {
   const int cfg = p.num_splits;
-  const bool long64 = p.Skv > 1024;
-  if (cfg == 4) return p.D == 128 ? launch<T, 128, 64, 2, true>(p) : long64 ? launch<T, 64, 128, 2, true>(p) : launch<T, 64, 64, 2, true>(p);
-  if (cfg == 5) return p.D == 128 ? launch<T, 128, 64, 1, true>(p) : long64 ? launch<T, 64, 128, 1, true>(p) : launch<T, 64, 64, 1, true>(p);
-  if (cfg == 6) return p.D == 128 ? launch<T, 128, 128, 1, true>(p) : launch<T, 64, 128, 1, true>(p);
   if (p.D == 128) return cfg == 1 ? launch<T, 128, 128, 1>(p) : launch<T, 128, 64, 2>(p);
   if (p.D == 64) {
     if (cfg == 1) return launch<T, 64, 128, 1>(p);

@@ -47,22 +47,6 @@ __device__ __forceinline__ void wgmma_fence() { FASTMQA_SM90A_ASM("wgmma.fence.s
 __device__ __forceinline__ void wgmma_commit() { FASTMQA_SM90A_ASM("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { FASTMQA_SM90A_ASM("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
-// The compiler sees a wgmma's registers written (accumulators) or read (A) when it is issued, not
-// when it completes: after a wait, reg_fence(x) pins x there, so reads of an accumulator are not
-// hoisted above the wait and an A operand's registers are not reused while the wgmma may still
-// read them (CUTLASS's warpgroup_fence_operand).
-template <int N>
-__device__ __forceinline__ void reg_fence(float (&x)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(x[i])::"memory");
-}
-template <int N, int M>
-__device__ __forceinline__ void reg_fence(uint32_t (&x)[N][M]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < M; ++j) asm volatile("" : "+r"(x[i][j])::"memory");
-}
 // Shared memory written by ordinary stores or cp.async becomes visible to wgmma (the async proxy).
 __device__ __forceinline__ void fence_async_shared() { FASTMQA_SM90A_ASM("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
