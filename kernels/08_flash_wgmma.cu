@@ -18,7 +18,7 @@
 #include <stdint.h>
 
 #include "mqa_params.cuh"
-#include "flash_block.cuh"  // the block's sequence, rows and key tiles; the launch
+#include "flash_block.cuh"  // the block's sequence, rows and key tiles; the launch; the softmax
 #include "mma.cuh"    // cp.async, ex2, Mma<T>::pack
 #include "wgmma.cuh"  // descriptors, fences, Wgmma<T, N>
 
@@ -139,28 +139,7 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
           if (n0 + n * 8 + 2 * tq + (e & 1) > jlim[e >> 1]) s[4 * n + e] = -INFINITY;
     }
     float alpha[2];
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float mx = m_run[hf];
-#pragma unroll
-      for (int n = 0; n < C::NS; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      // Unfused exponents round(s * scale_log2) - m_scaled, as in 06_flash_mma.cu (exact at x1e6).
-      const float m_scaled = mx == -INFINITY ? 0.f : __fmul_rn(mx, scale_log2);
-      alpha[hf] = ex2(__fmul_rn(m_run[hf], scale_log2) - m_scaled);
-      m_run[hf] = mx;
-      float ls = 0.f;
-#pragma unroll
-      for (int n = 0; n < C::NS; ++n) {
-        const float p0 = ex2(__fmul_rn(s[4 * n + 2 * hf], scale_log2) - m_scaled);
-        const float p1 = ex2(__fmul_rn(s[4 * n + 2 * hf + 1], scale_log2) - m_scaled);
-        s[4 * n + 2 * hf] = p0;
-        s[4 * n + 2 * hf + 1] = p1;
-        ls += p0 + p1;
-      }
-      l_run[hf] = l_run[hf] * alpha[hf] + ls;
-    }
+    quad_softmax<C::NS>(s, m_run, l_run, alpha, scale_log2, ex2);
     uint32_t pa[C::KP][4];  // columns 16kk .. 16kk+15 of P: the A fragment of k-step kk
 #pragma unroll
     for (int kk = 0; kk < C::KP; ++kk) {

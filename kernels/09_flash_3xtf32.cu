@@ -39,7 +39,7 @@
 #include <stdint.h>
 
 #include "mqa_params.cuh"
-#include "flash_block.cuh"  // the block's sequence, rows and key tiles; the launch
+#include "flash_block.cuh"  // the block's sequence, rows and key tiles; the launch; the softmax
 #include "mma.cuh"          // cp.async, ldmatrix, mma_tf32, tf32_rna
 
 namespace {
@@ -250,8 +250,8 @@ mqa_flash_3xtf32_kernel(const float* __restrict__ q,  // (B, H, Sq, D), strides 
       }
     }
 
-    // Mask (only tiles that cross Skv or a causal diagonal), then the online softmax (05's
-    // numerics: unfused exponents, exp2f).
+    // Mask (only tiles that cross Skv or a causal diagonal), then the online softmax
+    // (flash_block.cuh's, with exp2f: 05's numerics).
     if (t >= mask_from) {
 #pragma unroll
       for (int n = 0; n < C::NS; ++n)
@@ -260,27 +260,7 @@ mqa_flash_3xtf32_kernel(const float* __restrict__ q,  // (B, H, Sq, D), strides 
           if (n0 + n * 8 + 2 * tq + (e & 1) > jlim[e >> 1]) s[n][e] = -INFINITY;
     }
     float alpha[2];
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float mx = m_run[hf];
-#pragma unroll
-      for (int n = 0; n < C::NS; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * hf], s[n][2 * hf + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_scaled = mx == -INFINITY ? 0.f : __fmul_rn(mx, scale_log2);
-      alpha[hf] = exp2f(__fmul_rn(m_run[hf], scale_log2) - m_scaled);
-      m_run[hf] = mx;
-      float ls = 0.f;
-#pragma unroll
-      for (int n = 0; n < C::NS; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float p = exp2f(__fmul_rn(s[n][2 * hf + e], scale_log2) - m_scaled);
-          s[n][2 * hf + e] = p;
-          ls += p;
-        }
-      l_run[hf] = l_run[hf] * alpha[hf] + ls;
-    }
+    quad_softmax<C::NS>(&s[0][0], m_run, l_run, alpha, scale_log2, [](float x) { return exp2f(x); });
     if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
       for (int n = 0; n < C::NO; ++n) {

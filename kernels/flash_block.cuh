@@ -1,6 +1,7 @@
-// flash_block.cuh — the block geometry the fused prefill kernels (06_flash_mma.cu,
-// 08_flash_wgmma.cu) share: which sequence and packed rows a block owns, which key tiles it
-// visits, and from which tile on it must mask. Rows are packed (i, h) i-major: row m of a
+// flash_block.cuh — what the fused prefill kernels (06_flash_mma.cu, 08_flash_wgmma.cu,
+// 09_flash_3xtf32.cu) share: the block geometry (which sequence and packed rows a block owns,
+// which key tiles it visits, from which tile on it must mask), the launch, and (08, 09) the
+// online softmax on mma accumulators. Rows are packed (i, h) i-major: row m of a
 // sequence is query i = m / H of head m % H, so a block of BM rows holds every head of a few
 // query positions, and one K/V tile serves them all.
 #pragma once
@@ -31,6 +32,40 @@ struct FlashBlock {
     mask_from = causal ? min(Skv / BN, max(0, i_first + off + 1) / BN) : Skv / BN;
   }
 };
+
+// The online softmax of a score tile held as mma accumulators (08_flash_wgmma.cu,
+// 09_flash_3xtf32.cu; 06_flash_mma.cu spells it out for chapter 7). Element 4n + e of a thread's
+// NS * 4 scores is row g + 8 (e >> 1), column 8n + 2tq + (e & 1): the 4 lanes of a quad share a
+// row. Updates the running max m_run (raw score units) and partial sum l_run of the thread's two
+// rows, leaves P = exp(scale (s - m)) in s and the rescale factors exp(scale (m_old - m_new)) in
+// alpha. exp2: the 2^x to use (ex2.approx in bf16, exp2f in fp32). The exponents are
+// round(s * scale_log2) - m_scaled, unfused (__fmul_rn): <= 0 and exactly 0 for the max at any
+// magnitude (a fused fmaf leaves exp2(rounding residual): inf or 0 at inputs ~1e6, see 01_naive.cu).
+template <int NS, typename Exp2>
+__device__ __forceinline__ void quad_softmax(float* s, float (&m_run)[2], float (&l_run)[2], float (&alpha)[2],
+                                             float scale_log2, Exp2 exp2) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float mx = m_run[hf];
+#pragma unroll
+    for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_scaled = mx == -INFINITY ? 0.f : __fmul_rn(mx, scale_log2);  // no key yet: p = 0
+    alpha[hf] = exp2(__fmul_rn(m_run[hf], scale_log2) - m_scaled);
+    m_run[hf] = mx;
+    float ls = 0.f;
+#pragma unroll
+    for (int n = 0; n < NS; ++n) {
+      const float p0 = exp2(__fmul_rn(s[4 * n + 2 * hf], scale_log2) - m_scaled);
+      const float p1 = exp2(__fmul_rn(s[4 * n + 2 * hf + 1], scale_log2) - m_scaled);
+      s[4 * n + 2 * hf] = p0;
+      s[4 * n + 2 * hf + 1] = p1;
+      ls += p0 + p1;
+    }
+    l_run[hf] = l_run[hf] * alpha[hf] + ls;
+  }
+}
 
 // Launch a fused prefill kernel (its signature below) over B x ceil(H Sq / BM) blocks of NT
 // threads with `smem` bytes of dynamic shared memory (the limit raised first).
