@@ -49,11 +49,15 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const T* src, int j0, in
   }
 }
 
-template <typename T, int D, int BN, int MINB>
+// TMA: K and V tiles come by TMA (thread 0 issues both copies of a tile; they complete on the
+// tile's mbarriers) instead of every thread's cp.async; Q stays on cp.async (its rows are packed
+// (i, h), a gather through q's strides).
+template <typename T, int D, int BN, int MINB, bool TMA>
 __global__ void __launch_bounds__(NT, MINB)
 mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                        T* __restrict__ o, float* __restrict__ lse, int B, int H, int Sq, int Skv, float scale,
-                       int causal, const Strides qs, const Strides os) {
+                       int causal, const Strides qs, const Strides os, const __grid_constant__ CUtensorMap tm_k,
+                       const __grid_constant__ CUtensorMap tm_v) {
   using C = Cfg<D, BN>;
   extern __shared__ unsigned char smem_raw[];
   __shared__ long long row_q[BM];  // element offset of tile row r in q, or -1 past H * Sq rows
@@ -61,6 +65,8 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
   __shared__ int row_i[BM];        // its query position i
   const uint32_t sQ = (smem_u32(smem_raw) + 1023) & ~1023u;  // swizzled tiles start 1024-aligned
   const uint32_t sK0 = sQ + C::Q_BYTES, sV0 = sK0 + 2 * C::KV_BYTES;
+  __shared__ __align__(8) uint64_t bars[4];  // TMA: K[0], K[1], V[0], V[1] landed
+  const uint32_t barK = smem_u32(&bars[0]), barV = smem_u32(&bars[2]);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
   const int g = lane >> 2, tq = lane & 3;
@@ -69,7 +75,26 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
   const T* kb = k + (size_t)b * Skv * D;
   const T* vb = v + (size_t)b * Skv * D;
 
-  if (n_tiles > 0) load_tile<BN, D>(sK0, kb, 0, Skv, tid);
+  // Tile j's K (and V) in buffer j & 1, by TMA: K and V on their own mbarriers (S needs only K).
+  auto tma_kv = [&](int j) {
+    const uint32_t buf = (j & 1) * C::KV_BYTES, bk = barK + (j & 1) * 8, bv = barV + (j & 1) * 8;
+    mbar_arrive_expect_tx(bk, C::KV_BYTES);
+#pragma unroll
+    for (int a = 0; a < D / 64; ++a) tma_load_3d(sK0 + buf + a * BN * 128, &tm_k, a * 64, j * BN, b, bk);
+    mbar_arrive_expect_tx(bv, C::KV_BYTES);
+#pragma unroll
+    for (int a = 0; a < D / 64; ++a) tma_load_3d(sV0 + buf + a * BN * 128, &tm_v, a * 64, j * BN, b, bv);
+  };
+  if constexpr (TMA) {
+    if (tid == 0) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) mbar_init(smem_u32(&bars[i]), 1);
+      mbar_fence_init();
+      if (n_tiles > 0) tma_kv(0);
+    }
+  } else if (n_tiles > 0) {
+    load_tile<BN, D>(sK0, kb, 0, Skv, tid);
+  }
   if (tid < BM) {
     const int row = m0 + tid, i = row / H, h = row % H;
     row_q[tid] = row < H * Sq ? b * qs.b + h * qs.h + i * qs.s : -1;
@@ -87,7 +112,7 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
     }
   }
   cp_async_commit();  // group: K[0] and Q
-  if (n_tiles > 0) load_tile<BN, D>(sV0, vb, 0, Skv, tid);
+  if (!TMA && n_tiles > 0) load_tile<BN, D>(sV0, vb, 0, Skv, tid);
   cp_async_commit();  // group: V[0]
 
   // This thread's 2 rows: wg * 64 + (warp % 4) * 16 + g + 8 * hf = warp * 16 + g + 8 * hf.
@@ -109,16 +134,26 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
   for (int t = 0; t < n_tiles; ++t) {
     const int n0 = t * BN;
     const uint32_t sK = sK0 + (t & 1) * C::KV_BYTES, sV = sV0 + (t & 1) * C::KV_BYTES;
-    if (t == 0) cp_async_wait_1();  // Q and K[0]
-    else cp_async_wait_all();
-    fence_async_shared();
-    __syncthreads();  // tile t landed for everyone; every warpgroup is done with tile t-1's buffers
-    if (t + 1 < n_tiles) {
-      const uint32_t nb = ((t + 1) & 1) * C::KV_BYTES;
-      load_tile<BN, D>(sK0 + nb, kb, n0 + BN, Skv, tid);
-      load_tile<BN, D>(sV0 + nb, vb, n0 + BN, Skv, tid);
+    if constexpr (TMA) {
+      if (t == 0) {  // Q (cp.async) made visible to the tensor cores
+        cp_async_wait_all();
+        fence_async_shared();
+      }
+      mbar_wait(barK + (t & 1) * 8, (t >> 1) & 1);  // K[t] landed
+      __syncthreads();  // every warpgroup is done with tile t-1's buffers (and Q is in)
+      if (tid == 0 && t + 1 < n_tiles) tma_kv(t + 1);
+    } else {
+      if (t == 0) cp_async_wait_1();  // Q and K[0]
+      else cp_async_wait_all();
+      fence_async_shared();
+      __syncthreads();  // tile t landed for everyone; every warpgroup is done with tile t-1's buffers
+      if (t + 1 < n_tiles) {
+        const uint32_t nb = ((t + 1) & 1) * C::KV_BYTES;
+        load_tile<BN, D>(sK0 + nb, kb, n0 + BN, Skv, tid);
+        load_tile<BN, D>(sV0 + nb, vb, n0 + BN, Skv, tid);
+      }
+      cp_async_commit();
     }
-    cp_async_commit();
 
     // S = Q K^T: (64, BN) per warpgroup; k-step ks reads 16 columns (32 bytes) of a 64-column atom.
     wgmma_fence();
@@ -157,7 +192,9 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
         acc_o[4 * n + 3] *= alpha[1];
       }
     }
-    if (t == 0) {  // V[0]: the group before the one just committed
+    if constexpr (TMA) {
+      mbar_wait(barV + (t & 1) * 8, (t >> 1) & 1);  // V[t] landed
+    } else if (t == 0) {  // V[0]: the group before the one just committed
       cp_async_wait_1();
       fence_async_shared();
       __syncthreads();
@@ -208,9 +245,20 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
   }
 }
 
-template <typename T, int D, int BN, int MINB>
+template <typename T, int D, int BN, int MINB, bool TMA = false>
 int launch(const MQAParams& p) {
-  return launch_flash<T, BM, NT>(mqa_flash_wgmma_kernel<T, D, BN, MINB>, Cfg<D, BN>::SMEM, p);
+  CUtensorMap tm_k{}, tm_v{};  // unused without TMA
+  if (TMA && !(make_tmap_bsd(&tm_k, p.k, p.B, p.Skv, D, BN) && make_tmap_bsd(&tm_v, p.v, p.B, p.Skv, D, BN)))
+    return launch<T, D, BN, MINB, false>(p);
+  auto kern = mqa_flash_wgmma_kernel<T, D, BN, MINB, TMA>;
+  constexpr int smem = Cfg<D, BN>::SMEM;
+  if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
+    return FASTMQA_UNSUPPORTED;
+  const int nmb = (p.H * p.Sq + BM - 1) / BM;
+  kern<<<nmb * p.B, NT, smem, p.stream>>>((const T*)p.q, (const T*)p.k, (const T*)p.v, (T*)p.o, p.lse, p.B, p.H,
+                                          p.Sq, p.Skv, p.scale, p.causal, Strides{p.q_sb, p.q_sh, p.q_ss},
+                                          Strides{p.o_sb, p.o_sh, p.o_ss}, tm_k, tm_v);
+  return 0;
 }
 
 // Measured on the H100 (scripts/dev_wgmma.py, results/wgmma_dev.json): two CTAs an SM (registers
@@ -219,9 +267,14 @@ int launch(const MQAParams& p) {
 // D = 64 takes 128-key tiles on long rows (a few spilled registers) and 64-key tiles up to 1k keys.
 // p.num_splits is unused by a prefill kernel; the dev script passes cfg 1..3 to time the shapes
 // (1: the first version, 128-key tiles at one CTA an SM; 2, 3: D = 64 with 128 / 64-key tiles).
+// cfg 4: the default tile shapes with K and V by TMA.
 template <typename T>
 int by_dim(const MQAParams& p) {
   const int cfg = p.num_splits;
+  if (cfg == 4) {
+    if (p.D == 128) return launch<T, 128, 64, 2, true>(p);
+    return p.Skv > 1024 ? launch<T, 64, 128, 2, true>(p) : launch<T, 64, 64, 2, true>(p);
+  }
   if (p.D == 128) return cfg == 1 ? launch<T, 128, 128, 1>(p) : launch<T, 128, 64, 2>(p);
   if (p.D == 64) {
     if (cfg == 1) return launch<T, 64, 128, 1>(p);

@@ -9,9 +9,13 @@
 // A register A fragment is mma.sync m16n8k16's: so an accumulator, packed to 16 bits two
 // columns at a time, is the A operand of the next product (the FlashAttention-2 trick again).
 #pragma once
+#include <cuda.h>  // CUtensorMap (TMA), types only: the encoder comes from cudaGetDriverEntryPointByVersion
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 #include <stdint.h>
+
+#include "mbarrier.cuh"
 
 // Built for another GPU (fastmqa.build targets the device it runs on), the instructions are
 // replaced by a trap: the launcher refuses devices other than compute capability 9.0 first.
@@ -49,6 +53,40 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() { FASTMQA_SM90A_ASM("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 // Shared memory written by ordinary stores or cp.async becomes visible to wgmma (the async proxy).
 __device__ __forceinline__ void fence_async_shared() { FASTMQA_SM90A_ASM("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// TMA (the tensor memory accelerator): one thread copies a box of a tensor described by a tensor
+// map into shared memory, in the 128-byte swizzled layout above when the map says so, completing
+// on an mbarrier with its byte count. Coordinates innermost first (column, row, batch); rows
+// outside the tensor read as zeros.
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* tm, int c0, int c1, int c2, uint32_t bar) {
+  FASTMQA_SM90A_ASM(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+      ::"r"(dst), "l"(tm), "r"(c0), "r"(c1), "r"(c2), "r"(bar) : "memory");
+}
+
+// Host: the tensor map of a (B, S, D) tensor of 16-bit elements read in boxes of R rows x 64
+// columns (one 64-column atom of sw128<R>), 128-byte swizzle, rows past S zero-filled. False if
+// the driver cannot make one (the caller falls back to cp.async).
+inline bool make_tmap_bsd(CUtensorMap* tm, const void* base, int B, int S, int D, int R) {
+  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                              const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                              CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  static Encode encode = nullptr;
+  if (encode == nullptr) {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult got;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &got) != cudaSuccess ||
+        got != cudaDriverEntryPointSuccess || fn == nullptr)
+      return false;
+    encode = reinterpret_cast<Encode>(fn);
+  }
+  const cuuint64_t dims[3] = {(cuuint64_t)D, (cuuint64_t)S, (cuuint64_t)B};
+  const cuuint64_t strides[2] = {(cuuint64_t)D * 2, (cuuint64_t)S * D * 2};  // bytes, dims 1 and 2
+  const cuuint32_t box[3] = {64, (cuuint32_t)R, 1}, unit[3] = {1, 1, 1};
+  return encode(tm, CU_TENSOR_MAP_DATA_TYPE_UINT16, 3, const_cast<void*>(base), dims, strides, box, unit,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
 
 template <typename T, int N> struct Wgmma;
 // The four specialisations differ in N (N/2 accumulator registers a thread, so the numbers of the

@@ -50,6 +50,12 @@ def main():
         if not c.ok:
             print("FAIL", dataclasses.asdict(c), flush=True)
             break
+    if args.cfgs:  # the whole shape grid for each cfg asked for
+        import functools
+        for cfg in cfgs_for(128):
+            cc = gridcheck.run_grid(new, fn=functools.partial(new, num_splits=cfg))
+            log[f"grid_cfg{cfg}"] = [dataclasses.asdict(c) for c in cc]
+            stamp(f"grid cfg {cfg}: " + gridcheck.summarize(cc))
     # the tile-shape variants (num_splits = cfg, see by_dim in the .cu) on a few odd shapes
     from fastmqa.check import compare
     gen = torch.Generator(device="cuda").manual_seed(1)
