@@ -9,10 +9,14 @@
 //   * O += P V takes P (S after the softmax, packed to 16 bits) from registers as the A operand
 //     and V from shared memory as a transposed ("MN-major") B: V needs no separate layout;
 //   * Q, K and V tiles are stored in the 128-byte swizzled layout wgmma's descriptors describe
-//     (rows of 64 elements, 16-byte chunk c of row r at c ^ r % 8), filled by cp.async, K and V
-//     double-buffered; `fence.proxy.async` makes the copies visible to the tensor cores.
-// Not (yet) here: TMA loads, warp specialisation (a producer warp and consumers that overlap
-// one warpgroup's softmax with the other's products, as FlashAttention-3 does).
+//     (rows of 64 elements, 16-byte chunk c of row r at c ^ r % 8), K and V double-buffered;
+//   * K and V tiles come by TMA: thread 0 issues one copy per 64-column atom from a tensor map
+//     (the same 128-byte swizzle; rows past Skv read as zeros), completing on the tile's mbarrier,
+//     where every thread used to compute addresses and issue cp.async. Q's rows are packed (i, h)
+//     through q's strides, a gather: it stays on cp.async, made visible to the tensor cores by
+//     `fence.proxy.async`.
+// Not (yet) here: warp specialisation (a producer warp and consumers that overlap one
+// warpgroup's softmax with the other's products, with setmaxnreg, as FlashAttention-3 does).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -265,23 +269,24 @@ int launch(const MQAParams& p) {
 // capped at 128) beat one CTA with 128-key tiles everywhere: while one CTA waits on its softmax or
 // a barrier, the other's products keep the tensor cores busy. D = 128 then takes 64-key tiles;
 // D = 64 takes 128-key tiles on long rows (a few spilled registers) and 64-key tiles up to 1k keys.
-// p.num_splits is unused by a prefill kernel; the dev script passes cfg 1..3 to time the shapes
-// (1: the first version, 128-key tiles at one CTA an SM; 2, 3: D = 64 with 128 / 64-key tiles).
-// cfg 4: the default tile shapes with K and V by TMA.
-template <typename T>
-int by_dim(const MQAParams& p) {
-  const int cfg = p.num_splits;
-  if (cfg == 4) {
-    if (p.D == 128) return launch<T, 128, 64, 2, true>(p);
-    return p.Skv > 1024 ? launch<T, 64, 128, 2, true>(p) : launch<T, 64, 64, 2, true>(p);
-  }
-  if (p.D == 128) return cfg == 1 ? launch<T, 128, 128, 1>(p) : launch<T, 128, 64, 2>(p);
+// p.num_splits is unused by a prefill kernel; the dev script passes cfg 1..4 to time the shapes
+// (1: the first version, 128-key tiles at one CTA an SM; 2, 3: D = 64 with 128 / 64-key tiles;
+// 4: the default shapes with K and V by cp.async instead of TMA).
+// K and V come by TMA (results/tma_dev.json: 1.05-1.18x the cp.async loads at every point but the
+// shortest D = 64 rows, where the two are within noise); cfg 4 keeps the cp.async version.
+template <typename T, bool TMA>
+int by_dim(const MQAParams& p, int cfg) {
+  if (p.D == 128) return cfg == 1 ? launch<T, 128, 128, 1, TMA>(p) : launch<T, 128, 64, 2, TMA>(p);
   if (p.D == 64) {
-    if (cfg == 1) return launch<T, 64, 128, 1>(p);
-    if (cfg == 2 || (cfg == 0 && p.Skv > 1024)) return launch<T, 64, 128, 2>(p);
-    return launch<T, 64, 64, 2>(p);
+    if (cfg == 1) return launch<T, 64, 128, 1, TMA>(p);
+    if (cfg == 2 || (cfg == 0 && p.Skv > 1024)) return launch<T, 64, 128, 2, TMA>(p);
+    return launch<T, 64, 64, 2, TMA>(p);
   }
   return FASTMQA_UNSUPPORTED;
+}
+template <typename T>
+int by_dim(const MQAParams& p) {
+  return p.num_splits == 4 ? by_dim<T, false>(p, 0) : by_dim<T, true>(p, p.num_splits);
 }
 
 }  // namespace
