@@ -65,3 +65,13 @@ def test_torch_paths_are_profile_targets(monkeypatch):
         prof.main(["--kernels", "08_flash_wgmma,torch.sdpa_cudnn", "--shape", "1,4,64,64"])
     with pytest.raises(KeyError, match="no kernel named"):
         prof.main(["--kernels", "99_nope", "--shape", "1,4,64,64"])
+
+
+def test_torch_path_dtype_suffix():
+    """"torch.PATH@dtype" profiles a PyTorch path in that dtype (e.g. its fp32 3xTF32 kernel); an
+    unknown dtype is refused by name before anything touches a GPU."""
+    from fastmqa import profile as prof
+    with pytest.raises(SystemExit, match="unknown dtype 'float33'"):
+        prof.child("torch.sdpa_efficient@float33", 1, 4, 64, 64, False)
+    with pytest.raises(SystemExit, match="unknown dtype 'Tensor'"):
+        prof.child("torch.sdpa_efficient@Tensor", 1, 4, 64, 64, False)
