@@ -218,9 +218,7 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
   // then 16-byte coalesced stores of whole rows.
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
-    float l = l_run[hf];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float l = quad_sum(l_run[hf]);
     const float inv = l != 0.f ? 1.f / l : 0.f;  // a row that saw no key: zeros, lse = -inf
     const int r = warp * 16 + g + 8 * hf;
 #pragma unroll

@@ -321,9 +321,7 @@ mqa_flash_3xtf32_kernel(const float* __restrict__ q,  // (B, H, Sq, D), strides 
   // Epilogue: l over the quad, normalise, store (each quad writes 32 contiguous bytes of a row).
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
-    float l = l_run[hf];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float l = quad_sum(l_run[hf]);
     const float inv = l != 0.f ? 1.f / l : 0.f;  // a row that saw no key: zeros, lse = -inf
     const int row = m0 + warp * 16 + g + 8 * hf, i = row / H, h = row - i * H;
     if (row < H * Sq) {

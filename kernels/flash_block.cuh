@@ -67,6 +67,12 @@ __device__ __forceinline__ void quad_softmax(float* s, float (&m_run)[2], float 
   }
 }
 
+// The sum of x over the 4 lanes of a quad: a row's total from its lanes' partial sums.
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
 // Launch a fused prefill kernel (its signature below) over B x ceil(H Sq / BM) blocks of NT
 // threads with `smem` bytes of dynamic shared memory (the limit raised first).
 template <typename T, int BM, int NT>
