@@ -266,7 +266,7 @@ int launch(const MQAParams& p) {
 // Measured on the H100 (scripts/dev_wgmma.py, results/wgmma_dev.json): two CTAs an SM (registers
 // capped at 128) beat one CTA with 128-key tiles everywhere: while one CTA waits on its softmax or
 // a barrier, the other's products keep the tensor cores busy. D = 128 then takes 64-key tiles;
-// D = 64 takes 128-key tiles on long rows (a few spilled registers) and 64-key tiles up to 1k keys.
+// D = 64 takes 128-key tiles (with cp.async loads: on rows past 1k keys only, a few spilled registers).
 // p.num_splits is unused by a prefill kernel; the dev script passes cfg 1..4 to time the shapes
 // (1: the first version, 128-key tiles at one CTA an SM; 2, 3: D = 64 with 128 / 64-key tiles;
 // 4: the default shapes with K and V by cp.async instead of TMA).
@@ -277,8 +277,10 @@ int by_dim(const MQAParams& p, int cfg) {
   if (p.D == 128) return cfg == 1 ? launch<T, 128, 128, 1, TMA>(p) : launch<T, 128, 64, 2, TMA>(p);
   if (p.D == 64) {
     if (cfg == 1) return launch<T, 64, 128, 1, TMA>(p);
-    if (cfg == 2 || (cfg == 0 && p.Skv > 1024)) return launch<T, 64, 128, 2, TMA>(p);
-    return launch<T, 64, 64, 2, TMA>(p);
+    // With cp.async loads (cfg 4) 64-key tiles won up to 1k keys; with TMA 128-key tiles match or
+    // beat them at every length (results/tma_shapes_dev.json): cfg 3 keeps 64-key tiles.
+    if (cfg == 3 || (!TMA && p.Skv <= 1024)) return launch<T, 64, 64, 2, TMA>(p);
+    return launch<T, 64, 128, 2, TMA>(p);
   }
   return FASTMQA_UNSUPPORTED;
 }
