@@ -1,12 +1,20 @@
-"""What the GPU dev scripts (dev_fp32.py, dev_flash.py) share: CUDA-event timing and the lse check.
+"""What the GPU dev scripts share: a time stamp for their logs, CUDA-event timing and the lse check.
 
 A sibling module: `python scripts/dev_X.py` puts scripts/ first on sys.path.
 """
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
+
+T0 = time.time()  # when the dev script started (its first import of this module)
+
+
+def stamp(msg):
+    """Print msg after the seconds since the script started."""
+    print(f"[{time.time() - T0:6.1f} s] {msg}", flush=True)
 
 
 def event_median_ms(fn, n):

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,12 +19,8 @@ from fastmqa import bench, build, gridcheck  # noqa: E402
 from fastmqa import kernels as registry  # noqa: E402
 from fastmqa.check import compare  # noqa: E402
 
-T0 = time.time()
+from _devcommon import stamp  # noqa: E402
 CFGS = (0, 1, 2, 3, 4)  # the accumulator groupings of the .cu's dispatch
-
-
-def stamp(msg):
-    print(f"[{time.time() - T0:6.1f} s] {msg}", flush=True)
 
 
 def main():

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from fastmqa import kernels as registry  # noqa: E402
 from fastmqa.check import compare  # noqa: E402
 from fastmqa.reference import attention_ref  # noqa: E402
 
-T0 = time.time()
+from _devcommon import stamp  # noqa: E402
 # Variants of 10_decode's defaults (16-byte cp.async, 8 warps, 3 stages): the first version
 # (4 warps, 4 stages), the bulk copy engine, and 4 stages.
 VARIANTS = {"w4s4": ["FASTMQA_DECODE_WARPS=4", "FASTMQA_DECODE_STAGES=4"], "bulk": ["FASTMQA_DECODE_BULK=1"],
@@ -43,10 +42,6 @@ VARIANTS = {"w4s4": ["FASTMQA_DECODE_WARPS=4", "FASTMQA_DECODE_STAGES=4"], "bulk
 GRID = [(B, S) for B in (1, 4, 16, 64) for S in (1024, 4096, 16384, 32768)]
 SWEEP = [(1, 4096), (1, 32768), (4, 32768), (16, 4096), (64, 4096)]
 SPLITS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def stamp(msg):
-    print(f"[{time.time() - T0:6.1f} s] {msg}", flush=True)
 
 
 def build_all():

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -19,11 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fastmqa import bench, build, gridcheck  # noqa: E402
 from fastmqa import kernels as registry  # noqa: E402
 
-T0 = time.time()
-
-
-def stamp(msg):
-    print(f"[{time.time() - T0:6.1f} s] {msg}", flush=True)
+from _devcommon import stamp  # noqa: E402
 
 
 def main():
