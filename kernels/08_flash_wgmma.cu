@@ -252,15 +252,7 @@ int launch(const MQAParams& p) {
   CUtensorMap tm_k{}, tm_v{};  // unused without TMA
   if (TMA && !(make_tmap_bsd(&tm_k, p.k, p.B, p.Skv, D, BN) && make_tmap_bsd(&tm_v, p.v, p.B, p.Skv, D, BN)))
     return launch<T, D, BN, MINB, false>(p);
-  auto kern = mqa_flash_wgmma_kernel<T, D, BN, MINB, TMA>;
-  constexpr int smem = Cfg<D, BN>::SMEM;
-  if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
-    return FASTMQA_UNSUPPORTED;
-  const int nmb = (p.H * p.Sq + BM - 1) / BM;
-  kern<<<nmb * p.B, NT, smem, p.stream>>>((const T*)p.q, (const T*)p.k, (const T*)p.v, (T*)p.o, p.lse, p.B, p.H,
-                                          p.Sq, p.Skv, p.scale, p.causal, Strides{p.q_sb, p.q_sh, p.q_ss},
-                                          Strides{p.o_sb, p.o_sh, p.o_ss}, tm_k, tm_v);
-  return 0;
+  return launch_flash<T, BM, NT>(mqa_flash_wgmma_kernel<T, D, BN, MINB, TMA>, Cfg<D, BN>::SMEM, p, tm_k, tm_v);
 }
 
 // Measured on the H100 (scripts/dev_wgmma.py, results/wgmma_dev.json): two CTAs an SM (registers

@@ -82,7 +82,7 @@ __global__ void split_kv_kernel(const float* __restrict__ k, const float* __rest
                                 int D) {
   const int d = blockIdx.x * blockDim.x + threadIdx.x, j0 = blockIdx.y * 8, b = blockIdx.z;
   if (d >= D) return;
-  float v1[8], v2[8], v3[8];
+  float part[3][8];  // V's parts v1, v2, v3 of the 8 keys
 #pragma unroll
   for (int e = 0; e < 8; ++e) {
     const int j = j0 + e;
@@ -92,16 +92,15 @@ __global__ void split_kv_kernel(const float* __restrict__ k, const float* __rest
     split2(kx, big, small);
     w.kbig[dst] = __uint_as_float(big);
     w.ksmall[dst] = __uint_as_float(small);
-    split3(vx, v1[e], v2[e], v3[e]);
+    split3(vx, part[0][e], part[1][e], part[2][e]);
   }
   const size_t t = ((size_t)b * D + d) * Sp + j0;
-  float* part[3] = {w.v1, w.v2, w.v3};
-  float(*val[3])[8] = {&v1, &v2, &v3};
+  float* const dst[3] = {w.v1, w.v2, w.v3};
 #pragma unroll
   for (int x = 0; x < 3; ++x) {
-    const float* a = *val[x];
-    *reinterpret_cast<float4*>(part[x] + t) = make_float4(a[0], a[2], a[4], a[6]);
-    *reinterpret_cast<float4*>(part[x] + t + 4) = make_float4(a[1], a[3], a[5], a[7]);
+    const float* a = part[x];
+    *reinterpret_cast<float4*>(dst[x] + t) = make_float4(a[0], a[2], a[4], a[6]);
+    *reinterpret_cast<float4*>(dst[x] + t + 4) = make_float4(a[1], a[3], a[5], a[7]);
   }
 }
 

@@ -73,18 +73,19 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// Launch a fused prefill kernel (its signature below) over B x ceil(H Sq / BM) blocks of NT
-// threads with `smem` bytes of dynamic shared memory (the limit raised first).
-template <typename T, int BM, int NT>
+// Launch a fused prefill kernel (its signature below, then any kernel-specific arguments `extra`,
+// e.g. 08's TMA tensor maps) over B x ceil(H Sq / BM) blocks of NT threads with `smem` bytes of
+// dynamic shared memory (the limit raised first).
+template <typename T, int BM, int NT, typename... Extra>
 int launch_flash(void (*kern)(const T*, const T*, const T*, T*, float*, int, int, int, int, float, int,
-                              const Strides, const Strides),
-                 int smem, const MQAParams& p) {
+                              const Strides, const Strides, Extra...),
+                 int smem, const MQAParams& p, const Extra&... extra) {
   if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
     return FASTMQA_UNSUPPORTED;
   const int nmb = (p.H * p.Sq + BM - 1) / BM;
   kern<<<nmb * p.B, NT, smem, p.stream>>>((const T*)p.q, (const T*)p.k, (const T*)p.v, (T*)p.o, p.lse, p.B, p.H,
                                           p.Sq, p.Skv, p.scale, p.causal, Strides{p.q_sb, p.q_sh, p.q_ss},
-                                          Strides{p.o_sb, p.o_sh, p.o_ss});
+                                          Strides{p.o_sb, p.o_sh, p.o_ss}, extra...);
   return 0;
 }
 
