@@ -34,23 +34,28 @@ from fastmqa.check import compare  # noqa: E402
 from fastmqa.reference import attention_ref  # noqa: E402
 
 from _devcommon import stamp  # noqa: E402
-# Variants of 10_decode's defaults (16-byte cp.async, 8 warps, 3 stages): the first version
-# (4 warps, 4 stages), the bulk copy engine, and 4 stages.
-VARIANTS = {"w4s4": ["FASTMQA_DECODE_WARPS=4", "FASTMQA_DECODE_STAGES=4"], "bulk": ["FASTMQA_DECODE_BULK=1"],
-            "s4": ["FASTMQA_DECODE_STAGES=4"], "fuse0": ["FASTMQA_DECODE_FUSE=0"], "fuse4": ["FASTMQA_DECODE_FUSE=4"],
-            "fuse16": ["FASTMQA_DECODE_FUSE=16"], "fuse128": ["FASTMQA_DECODE_FUSE=128"]}
+# Variants of 10_decode's defaults (16-byte cp.async, 8 warps, 3 stages, splits combined in a cluster
+# of up to 16 CTAs, the automatic split count capped at 16 when that leaves <= 2 tiles a CTA): no
+# cluster (the last CTA combines up to 4 splits, a combine kernel more), clusters of up to 8, a cap at
+# <= 4 tiles a CTA, two CTAs per SM (<= 128 registers), 4 stages, the bulk copy engine.
+VARIANTS = {"cl0": ["FASTMQA_DECODE_CLUSTER=0"], "cl8": ["FASTMQA_DECODE_CLUSTER=8"],
+            "clt4": ["FASTMQA_DECODE_CLUSTER_TILES=4"], "occ2": ["FASTMQA_DECODE_MINB=2"],
+            "s4": ["FASTMQA_DECODE_STAGES=4"], "bulk": ["FASTMQA_DECODE_BULK=1"],
+            "nohint": ["FASTMQA_DECODE_L2HINT=0"], "pf128": ["FASTMQA_DECODE_L2PF=128"],
+            "pf256": ["FASTMQA_DECODE_L2PF=256"], "nohint_pf256": ["FASTMQA_DECODE_L2HINT=0", "FASTMQA_DECODE_L2PF=256"],
+            "nozf": ["FASTMQA_DECODE_NOZFILL=1"], "nozf_pf128": ["FASTMQA_DECODE_NOZFILL=1", "FASTMQA_DECODE_L2PF=128"]}
 GRID = [(B, S) for B in (1, 4, 16, 64) for S in (1024, 4096, 16384, 32768)]
 SWEEP = [(1, 4096), (1, 32768), (4, 32768), (16, 4096), (64, 4096)]
 SPLITS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-def build_all():
+def build_all(variants=tuple(VARIANTS)):
     build.extensions_dir()
     base, mla = registry.get("10_decode"), registry.get("11_decode_mla")
-    with ThreadPoolExecutor(2 + len(VARIANTS)) as pool:
+    with ThreadPoolExecutor(2 + len(variants)) as pool:
         fb = pool.submit(base.module)
         fm = pool.submit(mla.module)
-        fv = {t: pool.submit(build.load_variant, base, t, d) for t, d in VARIANTS.items()}
+        fv = {t: pool.submit(build.load_variant, base, t, VARIANTS[t]) for t in variants}
         fb.result()
         fm.result()
         kerns = {"10_decode": base, "11_decode_mla": mla}
@@ -103,7 +108,7 @@ def check_kernels(kerns, log):
                         for name, kern in kerns.items():
                             if kern.supports(dtype, D, causal, Sq) is not None:
                                 continue
-                            for ns in ((0, 1, 5, 64) if name in ("10_decode", "11_decode_mla") or "fuse" in name else (0,)):
+                            for ns in ((0, 1, 2, 5, 16, 64) if name in ("10_decode", "11_decode_mla") or name[10:12] == "cl" else (0,)):
                                 row = dict(kernel=name, dtype=str(dtype)[6:], B=B, H=H, Sq=Sq, S=S, D=D,
                                            causal=causal, kv_same=kv_same, num_splits=ns)
                                 try:
@@ -222,9 +227,15 @@ def sanitize(tool, name, out):
     return dict(tool=tool, kernel=name, rc=p.returncode, summary=summ)
 
 
-def profile(B, S, splits=0):
+def profile(B, S, splits=0, impl="10_decode"):
     q, kv, lens = decode_inputs(B, S)
-    launch = registry.get("10_decode").prepare(q, kv[0], kv[1], cache_seqlens=lens, num_splits=splits)[0]
+    if impl.startswith("torch."):  # one of PyTorch's paths (fastmqa.bench.torch_paths), to compare
+        fn = bench.torch_paths(small=False)[impl]
+        launch = lambda: fn(q, kv[0], kv[1], False)  # noqa: E731
+    else:
+        base, _, tag = impl.partition("10_decode_")
+        kern = build.load_variant(registry.get("10_decode"), tag, VARIANTS[tag]) if tag else registry.get(impl)
+        launch = kern.prepare(q, kv[0], kv[1], cache_seqlens=lens, num_splits=splits)[0]
     for _ in range(8):
         launch()
     torch.cuda.synchronize()
@@ -247,9 +258,12 @@ def main():
     ap.add_argument("--skip-sanitizer", action="store_true")
     ap.add_argument("--profile", nargs=2, type=int, metavar=("B", "S"))
     ap.add_argument("--splits", type=int, default=0, help="with --profile: force the split count (0 = choose)")
+    ap.add_argument("--impl", default="10_decode", help="with --profile: a registry kernel or a torch path (torch.sdpa_flash)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated VARIANTS to build and time")
+    ap.add_argument("--skip-mla", action="store_true", help="leave out the MLA timings")
     args = ap.parse_args()
     if args.profile:
-        return profile(*args.profile, splits=args.splits)
+        return profile(*args.profile, splits=args.splits, impl=args.impl)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
@@ -258,7 +272,7 @@ def main():
     def save():
         (out / "decode_dev.json").write_text(json.dumps(log, indent=1, default=str))
 
-    kerns = build_all()
+    kerns = build_all([v for v in args.variants.split(",") if v])
     stamp(f"built {', '.join(kerns)}")
     log["checks_ok"] = check_kernels(kerns, log)
     save()
@@ -269,8 +283,9 @@ def main():
     save()
     time_sweep(kerns["10_decode"], log, timer)
     save()
-    time_mla(kerns["11_decode_mla"], log, timer)
-    save()
+    if not args.skip_mla:
+        time_mla(kerns["11_decode_mla"], log, timer)
+        save()
     summary(log)
     if not args.skip_sanitizer:
         for name in ("10_decode", "11_decode_mla"):
