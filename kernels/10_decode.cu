@@ -39,15 +39,6 @@
 #ifndef FASTMQA_DECODE_FUSE
 #define FASTMQA_DECODE_FUSE 4  // the decode kernel combines up to this many splits itself (0: always a combine kernel)
 #endif
-#ifndef FASTMQA_DECODE_CLUSTER
-#define FASTMQA_DECODE_CLUSTER 16  // up to this many splits combine inside a thread-block cluster (0: never)
-#endif
-#ifndef FASTMQA_DECODE_CLUSTER_TILES
-#define FASTMQA_DECODE_CLUSTER_TILES 2  // the automatic split count caps at the cluster size when a CTA then gets <= this many tiles
-#endif
-#ifndef FASTMQA_DECODE_MINB
-#define FASTMQA_DECODE_MINB 1  // CTAs per SM __launch_bounds__ asks for (2: <= 128 registers, Q from shared memory)
-#endif
 #ifndef FASTMQA_DECODE_WARPS
 #define FASTMQA_DECODE_WARPS 8   // 4: one warp per key group owns all 32 rows (the first version)
 #endif
@@ -72,23 +63,18 @@ struct Cfg {
   static_assert((N * CH) % THREADS == 0 && (MB * CH) % THREADS == 0, "loads must divide evenly over threads");
   static constexpr size_t kv_tile = size_t(tile_elems) * 2;       // bytes of one K (or V) tile
   static constexpr size_t obuf = size_t(KG) * MB * LDO * 4;       // the key groups' outputs, merged at the end
-  static constexpr size_t part = size_t(MB) * (D + 1) * 4;        // a cluster's combine: the merged partial and lse
-  __host__ __device__ static size_t pipe(bool kv_same) {
-    size_t p = STAGES * kv_tile * (kv_same ? 1 : 2); return p > obuf + part ? p : obuf + part;
-  }
+  __host__ __device__ static size_t pipe(bool kv_same) { size_t p = STAGES * kv_tile * (kv_same ? 1 : 2); return p > obuf ? p : obuf; }
   static size_t smem(bool kv_same) { return pipe(kv_same) + size_t(MB) * LD * 2 + 2 * KG * MB * 4 + STAGES * 8; }
 };
 
 template <typename T, class C, bool PAGED>
-__global__ void __launch_bounds__(C::THREADS, FASTMQA_DECODE_MINB) decode_kernel(const Args a) {
+__global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
   asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may get scheduled now
   constexpr int D = C::D, N = C::N, LD = C::LD, MB = C::MB, NT = D / 8, MTW = C::MTW, KG = C::KG;
-  constexpr bool kQReg = MTW == 1 && FASTMQA_DECODE_MINB == 1;  // one m-tile a warp: Q's fragments stay in registers (32 of them)
+  constexpr bool kQReg = MTW == 1;  // one m-tile a warp: Q's fragments stay in registers (32 of them)
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-  // A cluster holds one row block's splits, so they are consecutive in x; else a split's row blocks are.
-  const int rb = a.cluster ? blockIdx.x / a.splits : blockIdx.x % a.RB;
-  const int split = a.cluster ? blockIdx.x % a.splits : blockIdx.x / a.RB, b = blockIdx.y;
+  const int rb = blockIdx.x % a.RB, split = blockIdx.x / a.RB, b = blockIdx.y;
   const int row0 = rb * MB, rows = min(MB, a.M - row0), mt_n = (rows + 15) / 16;
   const int kg = warp % KG, mt0 = warp / KG * MTW;  // this warp's key group and first m-tile
   float* Obuf = reinterpret_cast<float*>(smem);                         // (KG, MB, LDO), after the loop
@@ -224,8 +210,6 @@ __global__ void __launch_bounds__(C::THREADS, FASTMQA_DECODE_MINB) decode_kernel
   const int r = tid / TPR, q = tid % TPR;  // thread (r, q) finishes columns [q·DT, (q+1)·DT) of row r
   const size_t R = size_t(b) * a.M + row0 + r, BM = size_t(a.B) * a.M;
   const bool direct = a.splits == 1;  // one split writes o and lse; several write fp32 partials
-  float* Po = Obuf + KG * MB * C::LDO;  // a cluster's: this CTA's partial (MB, D), then its lse (MB)
-  float* Plse = Po + MB * D;
   if (r < rows) {
     float wt[KG], mx = -INFINITY, L = 0.f;
 #pragma unroll
@@ -243,19 +227,13 @@ __global__ void __launch_bounds__(C::THREADS, FASTMQA_DECODE_MINB) decode_kernel
         x += wt[k] * o2.x; y += wt[k] * o2.y;
       }
       if (direct) *reinterpret_cast<uint32_t*>(static_cast<T*>(a.o) + R * D + c) = Elem<T>::pack(x * inv, y * inv);
-      else if (a.cluster) *reinterpret_cast<float2*>(Po + r * D + c) = make_float2(x * inv, y * inv);
       else *reinterpret_cast<float2*>(a.ws_o + (size_t(split) * BM + R) * D + c) = make_float2(x * inv, y * inv);
     }
     if (q == 0) {
       const float lse2 = L != 0.f ? mx + log2f(L) : -INFINITY;
-      if (direct) { if (a.lse) a.lse[R] = lse2 * kLn2; }
-      else if (a.cluster) Plse[r] = lse2;
-      else a.ws_lse[size_t(split) * BM + R] = lse2;
+      if (!direct) a.ws_lse[size_t(split) * BM + R] = lse2;
+      else if (a.lse) a.lse[R] = lse2 * kLn2;
     }
-  }
-  if (a.cluster) {  // (every thread of the CTA: the combine has cluster barriers)
-    cluster_combine<T, D, C::THREADS, (FASTMQA_DECODE_CLUSTER > 1 ? FASTMQA_DECODE_CLUSTER : 1)>(a, smem_u32(Po), smem_u32(Plse), size_t(b) * a.M + row0, rows, split);
-    return;
   }
   if (direct || a.counters == nullptr) return;  // (a combine kernel follows)
 
@@ -332,10 +310,8 @@ int launch(const MQAParams& p) {
   if (p.block_table)
     return p.page_size < 1 || p.page_size % C::N || p.max_pages < 1
                ? FASTMQA_UNSUPPORTED
-               : launch_split_kv<T, C, kMaxSplits, 256, true, FASTMQA_DECODE_FUSE, FASTMQA_DECODE_CLUSTER, FASTMQA_DECODE_CLUSTER_TILES>(
-                     p, decode_kernel<T, C, true>, combine_kernel<T, C::D>);
-  return launch_split_kv<T, C, kMaxSplits, 256, false, FASTMQA_DECODE_FUSE, FASTMQA_DECODE_CLUSTER, FASTMQA_DECODE_CLUSTER_TILES>(
-      p, decode_kernel<T, C, false>, combine_kernel<T, C::D>);
+               : launch_split_kv<T, C, kMaxSplits, 256, true, FASTMQA_DECODE_FUSE>(p, decode_kernel<T, C, true>, combine_kernel<T, C::D>);
+  return launch_split_kv<T, C, kMaxSplits, 256, false, FASTMQA_DECODE_FUSE>(p, decode_kernel<T, C, false>, combine_kernel<T, C::D>);
 }
 
 template <typename T>

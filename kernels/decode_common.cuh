@@ -19,40 +19,9 @@ constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 // 16-byte async copy; valid = false writes zeros (keys past the chunk: the cache there may hold NaN).
 // K/V are read exactly once: evict_first keeps them from pushing Q and the partials out of L2.
-#ifndef FASTMQA_DECODE_L2HINT
-#define FASTMQA_DECODE_L2HINT 1  // 0: no evict_first hint on K/V loads (dev comparison)
-#endif
-#ifndef FASTMQA_DECODE_NOZFILL
-#define FASTMQA_DECODE_NOZFILL 0  // 1: full tiles by cp.async without the src-size operand (dev comparison)
-#endif
-#ifndef FASTMQA_DECODE_L2PF
-#define FASTMQA_DECODE_L2PF 0  // 64, 128, 256: the cp.async also asks L2 to fetch that many bytes (dev comparison)
-#endif
-#if FASTMQA_DECODE_L2PF == 0
-#define FASTMQA_L2PF_Q ""
-#elif FASTMQA_DECODE_L2PF == 64
-#define FASTMQA_L2PF_Q ".L2::64B"
-#elif FASTMQA_DECODE_L2PF == 128
-#define FASTMQA_L2PF_Q ".L2::128B"
-#else
-#define FASTMQA_L2PF_Q ".L2::256B"
-#endif
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid, uint64_t policy) {
-#if FASTMQA_DECODE_L2HINT
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint" FASTMQA_L2PF_Q " [%0], [%1], 16, %2, %3;\n"
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n"
                ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0), "l"(policy) : "memory");
-#else
-  asm volatile("cp.async.cg.shared.global" FASTMQA_L2PF_Q " [%0], [%1], 16, %2;\n"
-               ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
-#endif
-}
-__device__ __forceinline__ void cp_async16_full(void* dst, const void* src, uint64_t policy) {
-#if FASTMQA_DECODE_L2HINT
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint" FASTMQA_L2PF_Q " [%0], [%1], 16, %2;\n"
-               ::"r"(smem_u32(dst)), "l"(src), "l"(policy) : "memory");
-#else
-  asm volatile("cp.async.cg.shared.global" FASTMQA_L2PF_Q " [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
-#endif
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
@@ -73,24 +42,6 @@ __device__ __forceinline__ void ldsm_x2_t(uint32_t (&r)[2], const void* p) {
 __device__ __forceinline__ void bulk_g2s(void* dst, const void* src, uint32_t bytes, uint32_t bar, uint64_t policy) {
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n"
                ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(bar), "l"(policy) : "memory");
-}
-// Thread-block clusters (sm_90): the CTAs of a cluster run at the same time and read each other's
-// shared memory (distributed shared memory). cluster_sync() is a barrier over every thread of the
-// cluster that also orders shared-memory writes before it with reads after it; peer_addr() maps an
-// address of this CTA's shared memory to the same offset in CTA `rank` of the cluster.
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ uint32_t peer_addr(uint32_t local, int rank) {
-  uint32_t r; asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(local), "r"(rank)); return r;
-}
-__device__ __forceinline__ float ld_peer(uint32_t addr) {
-  float x; asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(x) : "r"(addr) : "memory"); return x;
-}
-__device__ __forceinline__ float4 ld_peer4(uint32_t addr) {
-  float4 x;
-  asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(x.x), "=f"(x.y), "=f"(x.z), "=f"(x.w) : "r"(addr) : "memory");
-  return x;
 }
 __device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: exp2(-inf) = 0
   float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y;
@@ -126,8 +77,6 @@ struct Args {
   const int* block_table;      // paged cache (MQAParams): (B, max_pages) pages; k, v are page pools
   int max_pages, page_size;
   int* counters;               // fused combine: (B, RB) arrival counters, zero between launches; else null
-  int cluster;                 // 1: a row block's splits form one thread-block cluster and combine through
-                               // distributed shared memory (cluster_combine); no workspace, no counters
 };
 
 // A CTA's keys [k0, k1) of sequence b, streamed through a STAGES-deep pipeline. The chunk is the
@@ -237,16 +186,6 @@ struct KVChunk {
         if (!kv_same) cp_async16(vs + C::row(r) + ch * 8, vt + off, ok, evict_first);
       }
     } else {
-      if (FASTMQA_DECODE_NOZFILL && j0 + N <= k1) {  // a full tile
-#pragma unroll
-        for (int it = 0; it < N * C::CH / C::THREADS; ++it) {
-          const int c = tid + it * C::THREADS, r = c / C::CH, ch = c % C::CH;
-          const size_t off = size_t(j0 + r) * D + ch * 8;
-          cp_async16_full(ks + C::row(r) + ch * 8, kg + off, evict_first);
-          if (!kv_same) cp_async16_full(vs + C::row(r) + ch * 8, vg + off, evict_first);
-        }
-        return;
-      }
 #pragma unroll
       for (int it = 0; it < N * C::CH / C::THREADS; ++it) {
         const int c = tid + it * C::THREADS, r = c / C::CH, ch = c % C::CH;
@@ -321,42 +260,6 @@ __device__ __forceinline__ void split_weights(const float* __restrict__ ws_lse, 
   for (int w = 1; w < WARPS; ++w) sum += stat[1][w];
 }
 
-// The combine inside a cluster (Args::cluster): the `splits` CTAs of a row block, one cluster, have
-// each left their normalised partial output, (rows, D) fp32 at shared address `po`, and its lse
-// (log2 units, `rows` floats at `pl`) in their own shared memory. After a cluster barrier, thread
-// `tid` of CTA `split` takes every (splits·THREADS)-th float4 of the row block's output and reads
-// that float4 and the row's lse from every CTA of the cluster (distributed shared memory): no
-// workspace round trip through L2, no counters, no second kernel. R0 = b·M + row0, the row block's
-// first output row. Every thread of the CTA must call it (two cluster barriers); the second keeps each
-// CTA's shared memory alive until its peers have read it.
-template <typename T, int D, int THREADS, int CLMAX>
-__device__ __forceinline__ void cluster_combine(const Args& a, uint32_t po, uint32_t pl, size_t R0, int rows, int split) {
-  constexpr int C4 = D / 4;
-  const int S = a.splits;
-  cluster_sync();  // every CTA's partial is in its shared memory
-  for (int i = split * THREADS + threadIdx.x; i < rows * C4; i += S * THREADS) {
-    const int r = i / C4, c4 = i % C4;
-    float ls[CLMAX], mx = -INFINITY;
-#pragma unroll
-    for (int s = 0; s < CLMAX; ++s)
-      if (s < S) { ls[s] = ld_peer(peer_addr(pl + 4u * r, s)); mx = fmaxf(mx, ls[s]); }
-    float sum = 0.f;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-    for (int s = 0; s < CLMAX; ++s)
-      if (s < S) {
-        const float w = mx == -INFINITY ? 0.f : fast_exp2(ls[s] - mx);  // an empty split weighs 0
-        const float4 x = ld_peer4(peer_addr(po + 4u * (r * D + 4 * c4), s));
-        sum += w; acc.x += w * x.x; acc.y += w * x.y; acc.z += w * x.z; acc.w += w * x.w;
-      }
-    const float inv = sum != 0.f ? 1.f / sum : 0.f;  // a row that saw no key: zeros, lse = -inf
-    *reinterpret_cast<uint2*>(static_cast<T*>(a.o) + (R0 + r) * D + 4 * c4) =
-        make_uint2(Elem<T>::pack(acc.x * inv, acc.y * inv), Elem<T>::pack(acc.z * inv, acc.w * inv));
-    if (c4 == 0 && a.lse) a.lse[R0 + r] = sum != 0.f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
-  }
-  cluster_sync();  // no CTA exits while a peer may still read its shared memory
-}
-
 // Split count: enough CTAs to fill the resident slots (SMs x CTAs per SM) in whole waves, each split
 // at least one tile; among counts that reach 95% of the best wave efficiency, the smallest (fewest
 // partials to write and combine). Only counts that are not a smaller count in disguise: splits of
@@ -408,21 +311,13 @@ int* split_counters(cudaStream_t stream, int n) {
   return slot->p;
 }
 
-// Launch `decode` (C::THREADS a CTA, C::smem bytes, grid (RB row blocks x splits, B): CTA x is
-// split·RB + rb, or rb·splits + split in a cluster) and, when the keys are split, combine the splits' partials in one of three ways:
-//   * a cluster (CLUSTER_MAX > 1): with s <= CLUSTER_MAX splits, if B·RB clusters of s CTAs can all be
-//     resident at once (cudaOccupancyMaxActiveClusters), a row block's splits launch as one
-//     thread-block cluster and combine through distributed shared memory (cluster_combine);
-//   * with at most FUSE_MAX splits (and counters to be had) the last CTA of a row block to finish
-//     combines them (Args::counters);
-//   * else `combine`: one CTA of COMBINE_THREADS per query row, with programmatic dependent launch, so
-//     its CTAs are scheduled while the decode kernel finishes and wait (griddepcontrol.wait) for the
-//     partials, which the workspace holds: (splits, B, M, D) outputs, then (splits, B, M) lse.
-// The automatic split count is choose_splits'; when that is more than CLUSTER_MAX but CLUSTER_MAX
-// splits leave each CTA at most CLUSTER_TILES tiles, it takes CLUSTER_MAX (or fewer, of as many
-// tiles) in a cluster: a tile or two more a CTA costs less than a second kernel.
-template <typename T, class C, int MAX_SPLITS, int COMBINE_THREADS, bool PAGED = false, int FUSE_MAX = 0,
-          int CLUSTER_MAX = 0, int CLUSTER_TILES = 0>
+// Launch `decode` (C::THREADS a CTA, C::smem bytes, RB row blocks x splits, B) and, when the keys are
+// split, `combine`: one CTA of COMBINE_THREADS per query row, with programmatic dependent launch, so
+// its CTAs are scheduled while the decode kernel finishes and wait (griddepcontrol.wait) for the
+// partials. With at most FUSE_MAX splits (and counters to be had) the decode kernel combines
+// them itself instead (Args::counters): one launch, no combine kernel.
+// The workspace holds (splits, B, M, D) partial outputs, then (splits, B, M) lse.
+template <typename T, class C, int MAX_SPLITS, int COMBINE_THREADS, bool PAGED = false, int FUSE_MAX = 0>
 int launch_split_kv(const MQAParams& p, void (*decode)(Args),
                     void (*combine)(const float*, const float*, T*, float*, int, int)) {
   const int M = p.H * p.Sq, RB = (M + C::MB - 1) / C::MB;
@@ -430,7 +325,6 @@ int launch_split_kv(const MQAParams& p, void (*decode)(Args),
   const size_t smem = C::smem(kv_same);
   static size_t smem_set = 0;  // the kernel's dynamic shared-memory limit, raised once
   static int occ[2] = {0, 0};  // resident CTAs per SM, for distinct / shared K and V
-  static int max_clusters[2][CLUSTER_MAX + 1] = {};  // resident clusters of s CTAs (-1: none), per kv_same
   if (smem > smem_set) {
     if (cudaFuncSetAttribute(decode, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess)
       return FASTMQA_UNSUPPORTED;
@@ -441,49 +335,15 @@ int launch_split_kv(const MQAParams& p, void (*decode)(Args),
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode, C::THREADS, smem);
     occ[kv_same] = max(1, min(n, 4));  // fastmqa/kernels.py bounds the workspace assuming <= 4
   }
-  cudaLaunchAttribute cl[1];
-  cl[0].id = cudaLaunchAttributeClusterDimension;
-  cl[0].val.clusterDim.y = cl[0].val.clusterDim.z = 1;
-  auto clusters_fit = [&](int s) {  // B·RB clusters of s CTAs all resident at once
-    if (CLUSTER_MAX < 2 || s < 2 || s > CLUSTER_MAX) return false;
-    int& n = max_clusters[kv_same][s];
-    if (n == 0) {
-      if (s > 8) cudaFuncSetAttribute(decode, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(s); cfg.blockDim = dim3(C::THREADS); cfg.dynamicSmemBytes = smem;
-      cl[0].val.clusterDim.x = s;
-      cfg.attrs = cl; cfg.numAttrs = 1;
-      int k = 0;
-      n = cudaOccupancyMaxActiveClusters(&k, decode, &cfg) == cudaSuccess && k > 0 ? k : -1;
-      (void)cudaGetLastError();  // a refused size is no error of the decode
-    }
-    return n >= p.B * RB;
-  };
   const int tiles = max(1, (p.Skv + C::N - 1) / C::N);
-  int splits = p.num_splits > 0 ? min(min(p.num_splits, tiles), MAX_SPLITS)
-                                : choose_splits(p.B * RB, tiles, p.num_sms * occ[kv_same], MAX_SPLITS);
-  if (p.num_splits <= 0 && splits > CLUSTER_MAX && CLUSTER_MAX > 1) {
-    const int per = (tiles + CLUSTER_MAX - 1) / CLUSTER_MAX;  // tiles a CTA with CLUSTER_MAX splits
-    const int s = (tiles + per - 1) / per;                     // as few splits as give that
-    if (per <= CLUSTER_TILES && clusters_fit(s)) splits = s;
-  }
-  const bool cluster = splits > 1 && clusters_fit(splits);
+  const int splits = p.num_splits > 0 ? min(min(p.num_splits, tiles), MAX_SPLITS)
+                                      : choose_splits(p.B * RB, tiles, p.num_sms * occ[kv_same], MAX_SPLITS);
   const size_t ws_need = size_t(splits) * p.B * M * (C::D + 1) * sizeof(float);
-  if (splits > 1 && !cluster && (p.workspace == nullptr || p.workspace_bytes < ws_need)) return FASTMQA_UNSUPPORTED;
+  if (splits > 1 && (p.workspace == nullptr || p.workspace_bytes < ws_need)) return FASTMQA_UNSUPPORTED;
   Args a{p.q, p.k, p.v, p.o, p.lse, p.seqlens, static_cast<float*>(p.workspace), nullptr,
          p.B, M, p.Sq, p.Skv, p.causal, splits, RB, kv_same, p.scale * kLog2e,
          PAGED ? p.block_table : nullptr, p.max_pages, p.page_size};
   a.counters = nullptr;
-  a.cluster = cluster;
-  if (cluster) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(RB * splits, p.B); cfg.blockDim = dim3(C::THREADS); cfg.dynamicSmemBytes = smem;
-    cfg.stream = p.stream;
-    cl[0].val.clusterDim.x = splits;
-    cfg.attrs = cl; cfg.numAttrs = 1;
-    cudaLaunchKernelEx(&cfg, decode, a);
-    return 0;
-  }
   if (splits > 1) {
     a.ws_lse = a.ws_o + size_t(splits) * p.B * M * C::D;
     if (splits <= FUSE_MAX) a.counters = split_counters(p.stream, p.B * RB);
