@@ -19,19 +19,9 @@ constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 // 16-byte async copy; valid = false writes zeros (keys past the chunk: the cache there may hold NaN).
 // K/V are read exactly once: evict_first keeps them from pushing Q and the partials out of L2.
-#ifndef FASTMQA_DECODE_KVORDER
-#define FASTMQA_DECODE_KVORDER 0  // dev comparison: 1 = a thread issues its K copies, then its V; 2 = half the warps K, half V
-#endif
-#ifndef FASTMQA_DECODE_L2HINT
-#define FASTMQA_DECODE_L2HINT 1
-#endif
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid, uint64_t policy) {
-#if FASTMQA_DECODE_L2HINT
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n"
                ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0), "l"(policy) : "memory");
-#else
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
-#endif
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
@@ -194,28 +184,6 @@ struct KVChunk {
         const size_t off = ok ? size_t(r) * D + ch * 8 : 0;  // rows past the chunk: zero-filled
         cp_async16(ks + C::row(r) + ch * 8, kt + off, ok, evict_first);
         if (!kv_same) cp_async16(vs + C::row(r) + ch * 8, vt + off, ok, evict_first);
-      }
-    } else if (FASTMQA_DECODE_KVORDER == 1 && !kv_same) {  // all of K's copies, then V's
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int it = 0; it < N * C::CH / C::THREADS; ++it) {
-          const int c = tid + it * C::THREADS, r = c / C::CH, ch = c % C::CH;
-          const bool ok = j0 + r < k1;
-          const size_t off = ok ? size_t(j0 + r) * D + ch * 8 : 0;
-          cp_async16((h ? vs : ks) + C::row(r) + ch * 8, (h ? vg : kg) + off, ok, evict_first);
-        }
-    } else if (FASTMQA_DECODE_KVORDER == 2 && !kv_same) {  // the first half of the warps copy K, the rest V
-      const bool isv = tid >= C::THREADS / 2;
-      const int t2 = tid % (C::THREADS / 2);
-      T* dst = isv ? vs : ks;
-      const T* src = isv ? vg : kg;
-#pragma unroll
-      for (int it = 0; it < 2 * N * C::CH / C::THREADS; ++it) {
-        const int c = t2 + it * (C::THREADS / 2), r = c / C::CH, ch = c % C::CH;
-        const bool ok = j0 + r < k1;
-        const size_t off = ok ? size_t(j0 + r) * D + ch * 8 : 0;
-        cp_async16(dst + C::row(r) + ch * 8, src + off, ok, evict_first);
       }
     } else {
 #pragma unroll
