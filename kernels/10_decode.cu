@@ -56,10 +56,19 @@ struct Cfg {
   static constexpr int MB = 32, KW = 16, KG = 4, N = KG * KW, CH = D / 8;  // rows per CTA, keys per warp / tile
   static constexpr int WM = W / KG, MTW = MB / 16 / WM;  // warps along the rows; m-tiles per warp
   static_assert(W % KG == 0 && MTW * WM * 16 == MB, "warps must tile 32 rows x 4 key groups");
-  // K/V tiles in blocks of BR = 8 keys, each padded by 16 bytes: key r of a tile at row(r).
-  // Q's and the merge buffer's rows are padded by 16 bytes instead.
-  static constexpr int BR = 8, BS = BR * D + 8, tile_elems = N / BR * BS, LD = D + 8, LDO = D + 8;
-  __host__ __device__ static constexpr int row(int r) { return r / BR * BS + r % BR * D; }
+  // K/V tiles: key r at row r (D elements, unpadded), its 16-byte chunk ch at chunk ch ^ (r / 8 % 8)
+  // of the row (an XOR swizzle, at()). The 8 rows 8n + c that one ldmatrix reads at one chunk sit in
+  // 8 different bank groups, and every 128-byte segment of a cache row lands in one aligned 128-byte
+  // segment of shared memory, so a warp's cp.async of 512 contiguous bytes are 4 whole-line requests.
+  // (The first layout padded every block of 8 keys by 16 bytes instead: destinations off the 128-byte
+  // grid made L2 see 1.5x the sectors, 2.6x the requests, and DRAM stop at ~85 % of its peak;
+  // results/ncu_decode.json.) The bulk copy engine (FASTMQA_DECODE_BULK) copies 8-key blocks
+  // linearly, so it keeps the padded layout: BR = 8 keys a block, blocks BS elements apart.
+  // Q's and the merge buffer's rows are padded by 16 bytes.
+  static constexpr bool PAD = FASTMQA_DECODE_BULK;
+  static constexpr int BR = 8, BS = BR * D + 8, tile_elems = PAD ? N / BR * BS : N * D, LD = D + 8, LDO = D + 8;
+  __host__ __device__ static constexpr int row(int r) { return PAD ? r / BR * BS + r % BR * D : r * D; }
+  __host__ __device__ static constexpr int at(int r, int ch) { return PAD ? row(r) + ch * 8 : r * D + ((ch ^ ((r >> 3) & 7)) << 3); }
   static_assert((N * CH) % THREADS == 0 && (MB * CH) % THREADS == 0, "loads must divide evenly over threads");
   static constexpr size_t kv_tile = size_t(tile_elems) * 2;       // bytes of one K (or V) tile
   static constexpr size_t obuf = size_t(KG) * MB * LDO * 4;       // the key groups' outputs, merged at the end
@@ -123,7 +132,7 @@ __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t kb[4];
-      ldsm_x4(kb, ks + C::row(8 * (lane % 8) + 2 * kg + lane / 16) + kk * 16 + 8 * ((lane / 8) % 2));
+      ldsm_x4(kb, ks + C::at(8 * (lane % 8) + 2 * kg + lane / 16, 2 * kk + (lane / 8) % 2));
 #pragma unroll
       for (int i = 0; i < MTW; ++i) {
         if (mt0 + i >= mt_n) continue;
@@ -176,7 +185,7 @@ __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
 #pragma unroll
     for (int np = 0; np < D / 16; ++np) {
       uint32_t vb[4];
-      ldsm_x4_t(vb, vs + C::row(8 * (lane % 8) + 2 * kg + (lane / 8) % 2) + np * 16 + 8 * (lane / 16));
+      ldsm_x4_t(vb, vs + C::at(8 * (lane % 8) + 2 * kg + (lane / 8) % 2, 2 * np + lane / 16));
 #pragma unroll
       for (int i = 0; i < MTW; ++i)
         if (mt0 + i < mt_n) { Elem<T>::mma(oacc[i][2 * np], pa[i], vb[0], vb[1]); Elem<T>::mma(oacc[i][2 * np + 1], pa[i], vb[2], vb[3]); }

@@ -42,6 +42,7 @@ struct Cfg {
   static constexpr size_t kv_tile = size_t(N) * LD * 2;  // bytes of one K (or V) tile
   static constexpr int tile_elems = N * LD;               // KVChunk's layout: key r of a tile at row(r)
   __host__ __device__ static constexpr int row(int r) { return r * LD; }
+  __host__ __device__ static constexpr int at(int r, int ch) { return r * LD + ch * 8; }  // 16-byte chunk ch of key r
   static constexpr size_t fixed = size_t(MB) * (LD * 2 + LDS * 4 + LDP * 2 + 3 * 4);
   static size_t smem(bool kv_same) { return STAGES * kv_tile * (kv_same ? 1 : 2) + fixed; }
 };

@@ -83,13 +83,14 @@ struct Args {
 // sequence's own length (seqlens[b]) cut into `splits` chunks of whole N-key tiles. Tile t is N
 // consecutive rows of the cache (one contiguous block) of K, and of V unless k and v are one tensor,
 // in stage t % STAGES of Ks. C gives D, N, MB, LD (Q's row pitch), CH (16-byte chunks a row), STAGES,
-// THREADS, and the tiles' layout: key r of a tile starts at element C::row(r), the V tile (unless
-// kv_same) C::tile_elems after the K tile.
+// THREADS, and the tiles' layout: 16-byte chunk ch of key r of a tile at element C::at(r, ch), the V
+// tile (unless kv_same) C::tile_elems after the K tile.
 // Two ways to move a tile:
 //   * BULK = false: every thread issues 16-byte cp.async (N·CH of them per tile, per tensor), in
 //     commit groups; rows past the chunk are zero-filled by the copy itself;
 //   * BULK = true: the bulk copy engine, one copy per block of C::BR consecutive keys (the layout
-//     must keep such blocks contiguous: row(r) = row(r - r % BR) + (r % BR)·D), issued by warp 0
+//     must keep such blocks contiguous, unswizzled: at(r, ch) = row(r) + 8·ch and
+//     row(r) = row(r - r % BR) + (r % BR)·D), issued by warp 0
 //     and completing on the stage's mbarrier (`bars`, STAGES of them in shared memory). Rows past
 //     the chunk are zeroed by ordinary stores (V there multiplies P = 0; the cache may hold NaN).
 // PAGED = true: k and v are page pools and tile t starts at row block_table[b][j0 / P]·P + j0 % P
@@ -171,8 +172,8 @@ struct KVChunk {
       }
       for (int c = tid; c < (N - nv) * C::CH; c += C::THREADS) {  // rows past the chunk: zeros
         const int r = nv + c / C::CH, ch = c % C::CH;
-        *reinterpret_cast<uint4*>(ks + C::row(r) + ch * 8) = make_uint4(0u, 0u, 0u, 0u);
-        if (!kv_same) *reinterpret_cast<uint4*>(vs + C::row(r) + ch * 8) = make_uint4(0u, 0u, 0u, 0u);
+        *reinterpret_cast<uint4*>(ks + C::at(r, ch)) = make_uint4(0u, 0u, 0u, 0u);
+        if (!kv_same) *reinterpret_cast<uint4*>(vs + C::at(r, ch)) = make_uint4(0u, 0u, 0u, 0u);
       }
     } else if constexpr (PAGED) {
       const T *kt, *vt;
@@ -182,8 +183,8 @@ struct KVChunk {
         const int c = tid + it * C::THREADS, r = c / C::CH, ch = c % C::CH;
         const bool ok = j0 + r < k1;
         const size_t off = ok ? size_t(r) * D + ch * 8 : 0;  // rows past the chunk: zero-filled
-        cp_async16(ks + C::row(r) + ch * 8, kt + off, ok, evict_first);
-        if (!kv_same) cp_async16(vs + C::row(r) + ch * 8, vt + off, ok, evict_first);
+        cp_async16(ks + C::at(r, ch), kt + off, ok, evict_first);
+        if (!kv_same) cp_async16(vs + C::at(r, ch), vt + off, ok, evict_first);
       }
     } else {
 #pragma unroll
@@ -191,8 +192,8 @@ struct KVChunk {
         const int c = tid + it * C::THREADS, r = c / C::CH, ch = c % C::CH;
         const bool ok = j0 + r < k1;
         const size_t off = ok ? size_t(j0 + r) * D + ch * 8 : 0;
-        cp_async16(ks + C::row(r) + ch * 8, kg + off, ok, evict_first);
-        if (!kv_same) cp_async16(vs + C::row(r) + ch * 8, vg + off, ok, evict_first);
+        cp_async16(ks + C::at(r, ch), kg + off, ok, evict_first);
+        if (!kv_same) cp_async16(vs + C::at(r, ch), vg + off, ok, evict_first);
       }
     }
   }
