@@ -4,6 +4,8 @@
     python -m fastmqa.profile --kernels 02_smem_tiled,03_warp_shuffle --out results/ncu.json
     python -m fastmqa.profile --kernels 06_flash_mma,08_flash_wgmma,torch.sdpa_flash,torch.sdpa_cudnn \
         --shape 2,32,8192,128 --out results/ncu_prefill.json   # PyTorch's paths too (bf16)
+    python -m fastmqa.profile --kernels 10_decode,torch.sdpa_flash,torch.sdpa_gqa \
+        --shape 64,32,32768,128 --sq 1 --out results/ncu_decode.json   # decoding: one query row a head
 
 For each kernel the parent runs a small child process under
 
@@ -59,6 +61,10 @@ METRICS = {
     "registers": ("launch__registers_per_thread", "registers per thread"),
     "smem_static": ("launch__shared_mem_per_block_static", "static shared memory per block, bytes"),
     "smem_dynamic": ("launch__shared_mem_per_block_dynamic", "dynamic shared memory per block, bytes"),
+    "dram_read_sectors": ("dram__sectors_read.sum", "32-byte sectors read from DRAM"),
+    "l2_read_sectors": ("lts__t_sectors_srcunit_tex_op_read.sum", "sectors the SMs' loads asked of L2"),
+    "l2_read_requests": ("lts__t_requests_srcunit_tex_op_read.sum", "requests the SMs' loads made of L2"),
+    "l2_read_hit_sectors": ("lts__t_sectors_srcunit_tex_op_read_lookup_hit.sum", "of those sectors, L2 hits"),
 }
 
 
@@ -191,7 +197,7 @@ def shape_for(kern, B, H, S, D):
     return dtype, B, H, Sq, S, D
 
 
-def child(name, B, H, S, D, causal):
+def child(name, B, H, S, D, causal, sq=None):
     import torch
 
     from . import bench, kernels
@@ -202,10 +208,11 @@ def child(name, B, H, S, D, causal):
         if not isinstance(dtype, torch.dtype):
             raise SystemExit(f"unknown dtype {dt!r} in {name!r} (e.g. torch.sdpa_efficient@float32)")
         torch.backends.cuda.matmul.allow_tf32 = False
-        kern, Sq, Skv = None, S, S
+        kern, Sq, Skv = None, sq or S, S
     else:
         kern = kernels.get(name)
         dtype, B, H, Sq, Skv, D = shape_for(kern, B, H, S, D)
+        Sq = min(sq, Sq) if sq else Sq
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(B, H, Sq, D, device="cuda", dtype=dtype, generator=g)
     k = torch.randn(B, 1, Skv, D, device="cuda", dtype=dtype, generator=g)
@@ -228,7 +235,7 @@ def child(name, B, H, S, D, causal):
     print(f"[profile child] {name} {str(dtype).replace('torch.', '')} B={B} H={H} Sq={Sq} Skv={Skv} D={D} causal={causal}")
 
 
-def profile(names, out, B, H, S, D, causal=False, timeout=900):
+def profile(names, out, B, H, S, D, causal=False, timeout=900, sq=None):
     import torch
 
     from . import build, kernels
@@ -252,7 +259,7 @@ def profile(names, out, B, H, S, D, causal=False, timeout=900):
         for mset in (metrics, [m for m in metrics if m in CORE]):
             cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--csv", "--print-units", "base",
                    "--metrics", ",".join(mset), sys.executable, "-m", "fastmqa.profile", "--child", name,
-                   "--shape", f"{B},{H},{S},{D}"] + (["--causal"] if causal else [])
+                   "--shape", f"{B},{H},{S},{D}"] + (["--causal"] if causal else []) + (["--sq", str(sq)] if sq else [])
             try:
                 res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
             except subprocess.TimeoutExpired:
@@ -273,7 +280,7 @@ def profile(names, out, B, H, S, D, causal=False, timeout=900):
             rows.append({"impl": name, **launch})
     data = {"device": torch.cuda.get_device_name(0), "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "ncu": ncu, "clock_control": "none",
-            "shape": dict(B=B, H=H, S=S, D=D, causal=causal), "metrics": {k: m for k, (m, _) in METRICS.items()},
+            "shape": dict(B=B, H=H, S=S, D=D, causal=causal, **({"Sq": sq} if sq else {})), "metrics": {k: m for k, (m, _) in METRICS.items()},
             "failed": failed, "rows": rows}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -312,6 +319,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="JSON file to write (default results/ncu.json)")
     ap.add_argument("--shape", default="{B},{H},{S},{D}".format(**SEED), help="B,H,S,D (default the seed shape)")
     ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--sq", type=int, default=None, help="query rows a head (default S; decoding: 1)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     try:
@@ -319,13 +327,15 @@ def main(argv=None):
     except ValueError:
         ap.error(f"--shape must be B,H,S,D (four integers), got {a.shape!r}")
     if a.child:
-        return child(a.child, B, H, S, D, a.causal)
+        return child(a.child, B, H, S, D, a.causal, a.sq)
     from . import kernels
     names = [n.strip() for n in a.kernels.split(",") if n.strip()] if a.kernels else [k.name for k in kernels.in_suite("fp32")]
     for n in names:
         if not n.startswith("torch."):
             kernels.get(n)  # a KeyError naming the known kernels
-    data = profile(names, a.out, B, H, S, D, a.causal)
+    if a.sq is not None and a.sq < 1:
+        ap.error(f"--sq must be a positive number of query rows, got {a.sq}")
+    data = profile(names, a.out, B, H, S, D, a.causal, sq=a.sq)
     print(format_table(table(data)))
     if data["failed"]:
         print("failed:", data["failed"])

@@ -6,14 +6,18 @@
 //   * One CTA serves 32 query rows of a sequence: all H·Sq of them for 32 heads and one token
 //     (q[b] is one (H·Sq, D) matrix, row = h·Sq + i), so each K/V element is read once, not once
 //     per head. More rows take more row blocks, which re-read the tile from L2.
-//   * Tiles of 64 keys (33 KB of K and V) arrive by 16-byte cp.async, 3 stages deep: 2 tiles in
-//     flight while one is used; 106 KB of shared memory and 8 warps of ~170 registers: one CTA
-//     per SM. Measured on the H100 (results/decode_dev.json): 4 stages were no faster; two CTAs
-//     per SM (registers capped at 128 by __launch_bounds__, a few spills) 5-30% slower; moving the
-//     tiles with the bulk copy engine (FASTMQA_DECODE_BULK=1) no faster than cp.async.
-//   * Tiles are stored in blocks of 8 keys (8·D contiguous elements, one bulk copy) padded by 16
-//     bytes. An ldmatrix reads 8 rows at one column: taking them from 8 different blocks (keys
-//     8n + c, n = 0..7) puts them in 8 different bank groups without padding every row.
+//   * Tiles of 64 keys (32 KB of K and V) arrive by 16-byte cp.async, 3 stages deep: 2 tiles in
+//     flight while one is used; 105 KB of shared memory and 8 warps of ~200 registers: one CTA
+//     per SM. Measured on the H100 (results/decode_dev.json, decode_cluster_dev.json): 4 stages
+//     were no faster; two CTAs per SM (registers capped at 128 by __launch_bounds__, a few spills)
+//     5-30% slower; moving the tiles with the bulk copy engine (FASTMQA_DECODE_BULK=1) no faster.
+//   * A tile's key r is row r of shared memory, unpadded, with its 16-byte chunks XOR-swizzled
+//     (chunk ch at ch ^ (r / 8 % 8), Cfg::at). An ldmatrix reads 8 rows at one chunk, keys 8n + c
+//     (n = 0..7): the swizzle puts them in 8 different bank groups. And a cache row's 128-byte
+//     segments stay whole in shared memory, which is what lets L2 serve a warp's cp.async as 4
+//     whole-line requests: the first layout (8-key blocks padded by 16 bytes) made L2 handle 1.5x
+//     the sectors and 2.6x the requests of the bytes read, and held DRAM at ~85 % of its peak
+//     where FlashAttention-2's kernel reached 91 % (ncu, results/ncu_decode_dev.json). Swizzled: 90 %.
 //   * Within a CTA the keys are split too: the 8 warps form 4 key groups x 2 row halves. Warp w
 //     owns keys {8n + 2(w%4), 8n + 2(w%4) + 1 : n = 0..7} of every tile and query rows
 //     [16(w/4), 16(w/4)+16), and keeps its own running max m, sum l and output O (16 rows x D,
@@ -62,7 +66,7 @@ struct Cfg {
   // segment of shared memory, so a warp's cp.async of 512 contiguous bytes are 4 whole-line requests.
   // (The first layout padded every block of 8 keys by 16 bytes instead: destinations off the 128-byte
   // grid made L2 see 1.5x the sectors, 2.6x the requests, and DRAM stop at ~85 % of its peak;
-  // results/ncu_decode.json.) The bulk copy engine (FASTMQA_DECODE_BULK) copies 8-key blocks
+  // results/ncu_decode_dev.json.) The bulk copy engine (FASTMQA_DECODE_BULK) copies 8-key blocks
   // linearly, so it keeps the padded layout: BR = 8 keys a block, blocks BS elements apart.
   // Q's and the merge buffer's rows are padded by 16 bytes.
   static constexpr bool PAD = FASTMQA_DECODE_BULK;
@@ -81,7 +85,7 @@ __global__ void __launch_bounds__(C::THREADS) decode_kernel(const Args a) {
   asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may get scheduled now
   constexpr int D = C::D, N = C::N, LD = C::LD, MB = C::MB, NT = D / 8, MTW = C::MTW, KG = C::KG;
   constexpr bool kQReg = MTW == 1;  // one m-tile a warp: Q's fragments stay in registers (32 of them)
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];  // (128: the K/V tiles' swizzle keeps 128-byte segments whole)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int rb = blockIdx.x % a.RB, split = blockIdx.x / a.RB, b = blockIdx.y;
   const int row0 = rb * MB, rows = min(MB, a.M - row0), mt_n = (rows + 15) / 16;

@@ -36,10 +36,11 @@ from fastmqa.reference import attention_ref  # noqa: E402
 from _devcommon import stamp  # noqa: E402
 # Variants of 10_decode's defaults (16-byte cp.async, 8 warps, 3 stages): the first version
 # (4 warps, 4 stages), the bulk copy engine, 4 stages, and the combine's switches. (Session 7's
-# cluster-combine, 2-CTA, L2-hint and K/V copy-order knobs were measured and removed: results/decode_cluster_dev.json.)
+# cluster-combine, 2-CTA, L2-hint, K/V copy-order,
+# tile-rotation and L2-prefetch knobs were measured and removed: results/decode_cluster_dev.json.)
 VARIANTS = {"w4s4": ["FASTMQA_DECODE_WARPS=4", "FASTMQA_DECODE_STAGES=4"], "bulk": ["FASTMQA_DECODE_BULK=1"],
-            "s4": ["FASTMQA_DECODE_STAGES=4"], "fuse0": ["FASTMQA_DECODE_FUSE=0"], "fuse16": ["FASTMQA_DECODE_FUSE=16"],
-            "rot": ["FASTMQA_DECODE_ROTATE=1"], "rot_s4": ["FASTMQA_DECODE_ROTATE=1", "FASTMQA_DECODE_STAGES=4"]}
+            "s4": ["FASTMQA_DECODE_STAGES=4"], "fuse0": ["FASTMQA_DECODE_FUSE=0"],
+            "fuse8": ["FASTMQA_DECODE_FUSE=8"], "fuse16": ["FASTMQA_DECODE_FUSE=16"]}
 GRID = [(B, S) for B in (1, 4, 16, 64) for S in (1024, 4096, 16384, 32768)]
 SWEEP = [(1, 4096), (1, 32768), (4, 32768), (16, 4096), (64, 4096)]
 SPLITS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
