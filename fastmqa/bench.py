@@ -3,6 +3,10 @@
 Times registry kernels and PyTorch's paths in one run, on one GPU, with the L2 cache
 flushed before every repetition (a 256 MB write), CUDA events, the median of many. The
 device ceilings (copy bandwidth, bf16 and fp32 matmul rate) are measured in the same run.
+The flush is a write, as Triton's `do_bench` does: it leaves L2 full of dirty lines that a
+memory-bound kernel writes back while it reads (decode at 64-256 MB: 7-13 % slower than after a
+read-only flush, for us and for SDPA alike; DEVNOTES). Kept, deliberately: it is the common
+convention, and every number in the book was taken with it.
 Each suite writes results/SUITE.json atomically (temp file + rename):
 
     {"suite", "device", "torch", "cuda", "date", "ceilings": {copy_gbps, bf16_tflops, fp32_tflops},

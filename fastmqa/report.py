@@ -125,7 +125,12 @@ def section_prefill(d, figs, plt):
 def section_decode(d, figs, plt):
     out = ["## Decode over a KV cache, bf16: bandwidth", "", _header(d), "",
            f"Device copy bandwidth measured in the same run: {d['ceilings']['copy_gbps']} GB/s "
-           "(bytes read + written). Decode bandwidth = bytes of K and V read / time.", ""]
+           "(bytes read + written). Decode bandwidth = bytes of K and V read / time. Like every suite, "
+           "each repetition follows a 256 MB write that flushes L2 (as Triton's `do_bench`); the write "
+           "leaves L2 full of dirty lines, which a memory-bound kernel pays to write back while it reads. "
+           "Measured once (DEVNOTES, session 6): B=16 S=16k took 66.2 µs after this flush and 58.6 µs "
+           "after a read-only one, SDPA 68.4 and 59.5 µs: ratios barely move, the \"% of copy\" figures "
+           "at 64-256 MB read 7-13 % lower than a clean cold cache would give.", ""]
     main = [r for r in d["rows"] if not r.get("sweep")]
     ours = sorted({r["impl"] for r in main if not r["impl"].startswith("torch.")})
     torch_impls = sorted({r["impl"] for r in main if r["impl"].startswith("torch.")})

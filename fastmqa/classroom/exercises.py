@@ -251,6 +251,42 @@ def _check_expand_kv(fn, ctx, shapes=((1, 4, 5, 8), (2, 3, 7, 16), (2, 8, 1, 8))
     return results
 
 
+def check_tile_layout(fn, ctx=None, dims=(64, 128), keys=64):
+    """fn(r, ch, D) -> byte offset in shared memory of 16-byte chunk ch of key r of a (keys, D) bf16
+    tile (10_decode's K/V tiles). Graded, for every head dim: the chunks do not overlap and fit in
+    [0, keys * (D + 8) * 2) (padding of up to 16 bytes a key is allowed); the 8 chunks of every 128-byte segment of a cache row land in one aligned
+    128-byte segment of shared memory (a whole-line cp.async); and the keys 8n + c (n = 0..7) at one
+    chunk, which one ldmatrix reads, sit in 8 different 16-byte bank groups."""
+    results = []
+    for D in dims:
+        name = f"D={D} keys={keys}"
+
+        def case(D=D, name=name):
+            CH, size = D // 8, keys * (D + 8) * 2
+            off = {(r, ch): int(fn(r, ch, D)) for r in range(keys) for ch in range(CH)}
+            bad = [(rc, o) for rc, o in off.items() if o % 16 or not 0 <= o < size]
+            if bad:
+                return CaseResult(name, False, f"chunk (key, chunk) = {bad[0][0]} at byte {bad[0][1]}: "
+                                               f"must be a multiple of 16 in [0, {size})")
+            if len(set(off.values())) != len(off):
+                return CaseResult(name, False, "two chunks share an address")
+            split = [(r, g) for r in range(keys) for g in range(CH // 8)
+                     if len({off[r, 8 * g + c] // 128 for c in range(8)}) > 1]
+            if split:
+                return CaseResult(name, False, f"{len(split)} of {keys * CH // 8} 128-byte row segments land across "
+                                               f"two 128-byte shared-memory segments, e.g. key {split[0][0]}, "
+                                               f"chunks {8 * split[0][1]}..{8 * split[0][1] + 7}")
+            for c in range(8):
+                for x in range(CH):
+                    groups = [off[8 * n + c, x] // 16 % 8 for n in range(keys // 8)]
+                    if len(set(groups)) < len(groups):
+                        return CaseResult(name, False, f"keys {c}, {c + 8}, ... at chunk {x}: bank groups {groups} "
+                                                       "repeat (an ldmatrix bank conflict)")
+            return CaseResult(name, True, "whole 128-byte segments, conflict-free ldmatrix")
+        results.append(_run_case(name, case))
+    return results
+
+
 def _check_meanpool(fn, ctx, shapes=((4, 8, 16), (12, 32, 384), (1, 5, 7))):
     results = []
     for (H, d, hidden) in shapes:
@@ -319,6 +355,10 @@ EXERCISES: list[Exercise] = [
     Exercise("ex-08-splitkv", "08_decode", "Split-KV in two kernels: partials, then combine",
              name="mqa_splitkv", check=AttentionCheck(causal=(False, True)), hint=_CAUSAL_HINT
              + "; a split that sees no key has m = -inf and l = 0 and must add nothing when combined"),
+    Exercise("ex-08-swizzle", "08_decode", "A tile layout for cp.async and ldmatrix",
+             name="tile_offset", check=FunctionCheck(check_tile_layout),
+             hint="keep key r's row at r * D * 2 bytes (rows are multiples of 128 bytes) and permute the 16-byte "
+                  "chunks within each 128-byte segment by a function of r // 8, e.g. ch ^ (r // 8 % 8)"),
     Exercise("ex-09-dv", "09_layer", "The dV kernel of the MQA backward",
              name="mqa_dv", check=FunctionCheck(_check_mqa_dv),
              hint="thread (b, j, d) sums exp(scale * q_i . k_j - lse_i) * dout[b, h, i, d] over every head h "
