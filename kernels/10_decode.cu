@@ -316,15 +316,19 @@ __global__ void __launch_bounds__(256) combine_kernel(const float* __restrict__ 
   if (lse && tid == 0) lse[row] = sum != 0.f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
 }
 
-// A paged cache (p.block_table, fastmqa.paged) runs the same kernel with KVChunk<..., PAGED>:
+// The split count follows decode_common.cuh's split_slots (SIZE_TIERS = true): fewer, longer CTAs
+// for small caches at small batch. A paged cache (p.block_table, fastmqa.paged) runs the same
+// kernel with KVChunk<..., PAGED>:
 // one table read per tile, so a page must hold whole tiles (page_size a multiple of 64 keys).
 template <typename T, class C>
 int launch(const MQAParams& p) {
   if (p.block_table)
     return p.page_size < 1 || p.page_size % C::N || p.max_pages < 1
                ? FASTMQA_UNSUPPORTED
-               : launch_split_kv<T, C, kMaxSplits, 256, true, FASTMQA_DECODE_FUSE>(p, decode_kernel<T, C, true>, combine_kernel<T, C::D>);
-  return launch_split_kv<T, C, kMaxSplits, 256, false, FASTMQA_DECODE_FUSE>(p, decode_kernel<T, C, false>, combine_kernel<T, C::D>);
+               : launch_split_kv<T, C, kMaxSplits, 256, true, FASTMQA_DECODE_FUSE, true>(p, decode_kernel<T, C, true>,
+                                                                                           combine_kernel<T, C::D>);
+  return launch_split_kv<T, C, kMaxSplits, 256, false, FASTMQA_DECODE_FUSE, true>(p, decode_kernel<T, C, false>,
+                                                                                   combine_kernel<T, C::D>);
 }
 
 template <typename T>

@@ -276,6 +276,26 @@ int choose_splits(int base, int tiles, int slots, int max_splits) {
   return 1;
 }
 
+// The resident slots choose_splits should aim to fill (10_decode's rule, SIZE_TIERS below). Each
+// split costs a partial (written, then read by the combine) and lengthens the combine, whose CTAs
+// are one per query row: few when base = B·RB row blocks is small. A small cache is then read
+// fastest by fewer, longer CTAs: measured on the H100 (results/decode_sweep_dev.json, 22 shapes,
+// B = 1..32, S = 2k..64k), half the SMs below 24 MB of K and V, three quarters below 64 MB, all of
+// them above, or from 16 row blocks on, came within 1 % of the best split count at every shape
+// (the plain rule lost up to 18 % at B <= 4). The sizes are taken relative to L2 (50 MB there).
+inline int split_slots(int slots, int base, size_t kv_bytes) {
+  static int l2 = -1;
+  if (l2 < 0) {
+    int dev = 0, v = 0;
+    l2 = cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetAttribute(&v, cudaDevAttrL2CacheSize, dev) == cudaSuccess
+             ? v : 0;
+  }
+  if (base >= 16 || l2 <= 0) return slots;
+  if (kv_bytes < size_t(l2) / 2) return max(1, slots / 2);
+  if (kv_bytes < size_t(l2) * 5 / 4) return max(1, slots * 3 / 4);
+  return slots;
+}
+
 // Arrival counters for the fused combine (the last CTA of a row block to finish combines its
 // splits): n ints per (device, stream), zeroed once by a memset ordered before the first launch on
 // that stream; the last CTA resets its counter, so they are zero again when the kernel ends. A
@@ -318,7 +338,8 @@ int* split_counters(cudaStream_t stream, int n) {
 // partials. With at most FUSE_MAX splits (and counters to be had) the decode kernel combines
 // them itself instead (Args::counters): one launch, no combine kernel.
 // The workspace holds (splits, B, M, D) partial outputs, then (splits, B, M) lse.
-template <typename T, class C, int MAX_SPLITS, int COMBINE_THREADS, bool PAGED = false, int FUSE_MAX = 0>
+template <typename T, class C, int MAX_SPLITS, int COMBINE_THREADS, bool PAGED = false, int FUSE_MAX = 0,
+          bool SIZE_TIERS = false>
 int launch_split_kv(const MQAParams& p, void (*decode)(Args),
                     void (*combine)(const float*, const float*, T*, float*, int, int)) {
   const int M = p.H * p.Sq, RB = (M + C::MB - 1) / C::MB;
@@ -337,8 +358,10 @@ int launch_split_kv(const MQAParams& p, void (*decode)(Args),
     occ[kv_same] = max(1, min(n, 4));  // fastmqa/kernels.py bounds the workspace assuming <= 4
   }
   const int tiles = max(1, (p.Skv + C::N - 1) / C::N);
+  const size_t kv_bytes = size_t(p.B) * p.Skv * C::D * sizeof(T) * (kv_same ? 1 : 2);
+  const int slots = SIZE_TIERS ? split_slots(p.num_sms * occ[kv_same], p.B * RB, kv_bytes) : p.num_sms * occ[kv_same];
   const int splits = p.num_splits > 0 ? min(min(p.num_splits, tiles), MAX_SPLITS)
-                                      : choose_splits(p.B * RB, tiles, p.num_sms * occ[kv_same], MAX_SPLITS);
+                                      : choose_splits(p.B * RB, tiles, slots, MAX_SPLITS);
   const size_t ws_need = size_t(splits) * p.B * M * (C::D + 1) * sizeof(float);
   if (splits > 1 && (p.workspace == nullptr || p.workspace_bytes < ws_need)) return FASTMQA_UNSUPPORTED;
   Args a{p.q, p.k, p.v, p.o, p.lse, p.seqlens, static_cast<float*>(p.workspace), nullptr,

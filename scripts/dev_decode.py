@@ -43,7 +43,7 @@ VARIANTS = {"w4s4": ["FASTMQA_DECODE_WARPS=4", "FASTMQA_DECODE_STAGES=4"], "bulk
             "fuse8": ["FASTMQA_DECODE_FUSE=8"], "fuse16": ["FASTMQA_DECODE_FUSE=16"]}
 GRID = [(B, S) for B in (1, 4, 16, 64) for S in (1024, 4096, 16384, 32768)]
 SWEEP = [(1, 4096), (1, 32768), (4, 32768), (16, 4096), (64, 4096)]
-SPLITS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SPLITS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 
 
 def build_all(variants=tuple(VARIANTS)):
@@ -258,6 +258,8 @@ def main():
     ap.add_argument("--impl", default="10_decode", help="with --profile: a registry kernel or a torch path (torch.sdpa_flash)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated VARIANTS to build and time")
     ap.add_argument("--skip-mla", action="store_true", help="leave out the MLA timings")
+    ap.add_argument("--sweep-only", default=None, metavar="B:S,...",
+                    help="only the split-count sweep, at these points (no variants, checks or grid)")
     args = ap.parse_args()
     if args.profile:
         return profile(*args.profile, splits=args.splits, impl=args.impl)
@@ -269,6 +271,15 @@ def main():
     def save():
         (out / "decode_dev.json").write_text(json.dumps(log, indent=1, default=str))
 
+    if args.sweep_only:
+        global SWEEP
+        SWEEP = [tuple(int(x) for x in pt.split(":")) for pt in args.sweep_only.split(",")]
+        base = registry.get("10_decode")
+        base.module()
+        timer = bench.Timer(reps=30, warmup=3, budget_s=0.5)
+        time_sweep(base, log, timer)
+        (out / "decode_sweep_dev.json").write_text(json.dumps(log, indent=1, default=str))
+        return 0
     kerns = build_all([v for v in args.variants.split(",") if v])
     stamp(f"built {', '.join(kerns)}")
     log["checks_ok"] = check_kernels(kerns, log)

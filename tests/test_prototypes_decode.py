@@ -69,6 +69,22 @@ def test_choose_splits_fills_the_gpu_in_whole_waves():
             assert 1 <= s <= max(1, tiles) and -(-tiles // c) == s, (base, tiles, s)
 
 
+def test_split_slots_takes_fewer_longer_ctas_for_small_caches():
+    """10_decode's split rule on the H100 (132 SMs, L2 50 MB; results/decode_sweep_dev.json): the
+    split counts the measured sweep found best (within 1 %) at small batch."""
+    kv = lambda B, S: B * S * 128 * 2 * 2  # bf16 K and V, D = 128
+    pick = lambda B, S: decode.choose_splits(B, S // 64, decode.split_slots(132, B, kv(B, S)))
+    assert pick(1, 16384) == 64      # 8 MB: half the SMs (128 splits measured 15 % slower)
+    assert pick(1, 32768) == 64
+    assert pick(2, 8192) == 32
+    assert pick(4, 4096) == 16
+    assert pick(4, 16384) == 24      # 34 MB: three quarters
+    assert pick(4, 32768) == 31      # 67 MB: all of them, as before
+    assert pick(16, 4096) == 8       # 16 row blocks: the combine has 512 CTAs, all of them
+    assert pick(1, 1024) == 16       # latency-bound: every tile its own CTA, as before
+    assert decode.split_slots(132, 1, 10**9, l2_bytes=0) == 132  # no L2 size known: the plain rule
+
+
 def test_intensity_mqa_is_h_times_mha():
     assert decode.intensity(32, 32) == 1.0                                 # MHA, bf16: 1 flop per byte
     assert decode.intensity(32, 1) == 32 * decode.intensity(32, 32)

@@ -291,6 +291,21 @@ def choose_splits(base, tiles, slots, max_splits=128):
     return next(s for s in cands if eff(s) >= 0.95 * best)
 
 
+def split_slots(slots, base, kv_bytes, l2_bytes=50 * 2**20):
+    """The slots 10_decode asks choose_splits to fill (split_slots in decode_common.cuh): every split
+    adds a partial to write and to combine, and the combine has one CTA per query row, few when
+    base (B x row blocks) is small; so below 16 row blocks a small cache takes fewer, longer CTAs:
+    half the slots under half of L2's size of K and V, three quarters under 1.25 x L2, all above.
+    (Measured on the H100, L2 = 50 MB: results/decode_sweep_dev.json.)"""
+    if base >= 16 or l2_bytes <= 0:
+        return slots
+    if kv_bytes < l2_bytes // 2:
+        return max(1, slots // 2)
+    if kv_bytes < l2_bytes * 5 // 4:
+        return max(1, slots * 3 // 4)
+    return slots
+
+
 def intensity(num_heads, kv_heads, Sq=1, elem_bytes=2):
     """Flops per byte of K/V read when decoding: 4·H·Sq·S·D flops over 2·G·S·D·elem_bytes bytes."""
     return 4 * num_heads * Sq / (2 * kv_heads * elem_bytes)
