@@ -180,9 +180,9 @@ def time_grid(kerns, log, timer):
     log["grid"] = rows
 
 
-def time_sweep(kern, log, timer):
+def time_sweep(kern, log, timer, points=None):
     rows = []
-    for B, S in SWEEP:
+    for B, S in points or SWEEP:
         q, kv, lens = decode_inputs(B, S)
         k, v = kv[0], kv[1]
         kv_bytes = kv.numel() * 2
@@ -230,7 +230,7 @@ def profile(B, S, splits=0, impl="10_decode"):
         fn = bench.torch_paths(small=False)[impl]
         launch = lambda: fn(q, kv[0], kv[1], False)  # noqa: E731
     else:
-        base, _, tag = impl.partition("10_decode_")
+        _, _, tag = impl.partition("10_decode_")
         kern = build.load_variant(registry.get("10_decode"), tag, VARIANTS[tag]) if tag else registry.get(impl)
         launch = kern.prepare(q, kv[0], kv[1], cache_seqlens=lens, num_splits=splits)[0]
     for _ in range(8):
@@ -272,12 +272,11 @@ def main():
         (out / "decode_dev.json").write_text(json.dumps(log, indent=1, default=str))
 
     if args.sweep_only:
-        global SWEEP
-        SWEEP = [tuple(int(x) for x in pt.split(":")) for pt in args.sweep_only.split(",")]
+        points = [tuple(int(x) for x in pt.split(":")) for pt in args.sweep_only.split(",")]
         base = registry.get("10_decode")
         base.module()
         timer = bench.Timer(reps=30, warmup=3, budget_s=0.5)
-        time_sweep(base, log, timer)
+        time_sweep(base, log, timer, points)
         (out / "decode_sweep_dev.json").write_text(json.dumps(log, indent=1, default=str))
         return 0
     kerns = build_all([v for v in args.variants.split(",") if v])
