@@ -13,6 +13,7 @@ Exit code 0 only if every check passed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -48,6 +49,8 @@ def _small_case(kern):
                 kern.run_backward(torch.randn_like(o), q, k, v, o, lse, causal=causal)
             else:
                 kern(q, k, v, causal=causal)
+            for path in kern.paths:  # its other code paths, forced
+                kern(q, k, v, causal=causal, num_splits=path)
             torch.cuda.synchronize()
 
 
@@ -141,6 +144,11 @@ def main(argv=None):
                            "failures": [c.__dict__ for c in cases if not c.ok][:20],
                            "worst_ratio": max((c.max_err / c.tol for c in cases if c.tol == c.tol and c.tol > 0), default=0.0)}
             print(f"{e.name}: {gridcheck.summarize(cases)}", flush=True)
+            for path in e.paths:  # its other code paths, forced (num_splits = path), on the same grid
+                pc = gridcheck.run_grid(e, quick=args.quick, fn=functools.partial(e, num_splits=path))
+                rec[f"grid_path{path}"] = {"passed": sum(c.ok for c in pc), "total": len(pc),
+                                            "failures": [c.__dict__ for c in pc if not c.ok][:20]}
+                print(f"{e.name} num_splits={path}: {gridcheck.summarize(pc)}", flush=True)
             if e.backward:  # its backward kernel, gradient by gradient
                 bcases = gridcheck.run_backward_grid(e, quick=args.quick)
                 rec["backward_grid"] = {"passed": sum(c.ok for c in bcases), "total": len(bcases),
@@ -176,6 +184,7 @@ def main(argv=None):
         print("nbval:", "ok" if p.returncode == 0 else "FAIL", (p.stdout + p.stderr)[-600:], flush=True)
     ok = all(r["build"] == "ok" and r["grid"]["passed"] == r["grid"]["total"]
              and all(b["passed"] == b["total"] for b in [r.get("backward_grid", {"passed": 0, "total": 0})])
+             and all(g["passed"] == g["total"] for n, g in r.items() if n.startswith("grid_path"))
              and r.get("fuzz", {"ok": True})["ok"] and r.get("determinism", {"ok": True})["ok"]
              for r in summary["kernels"].values())
     ok = ok and all(r["ok"] for r in summary["sanitizer"]) and all(r["ok"] for r in summary["notebooks"])
@@ -204,6 +213,9 @@ def format_summary(s) -> str:
         bg = r.get("backward_grid")
         if bg:
             grid += f"  backward grid {bg['passed']}/{bg['total']} (worst {bg['worst_ratio']:.2f}x tol)"
+        for n, pg in r.items():
+            if n.startswith("grid_path"):
+                grid += f"  num_splits={n[len('grid_path'):]} grid {pg['passed']}/{pg['total']}"
         lines.append(f"  {name:22s} build {r['build'][:4]:4s}  {grid}"
                      + "".join(f"  {t} {v}" for t, v in san.items())
                      + (f"  fuzz {r['fuzz']['passed']}/{r['fuzz']['total']}" if "fuzz" in r else "")

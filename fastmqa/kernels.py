@@ -44,6 +44,8 @@ class Kernel:
     backward_prototype: str | None = None  # "module:function" of its backward's numba.cuda prototype
     paged: bool = False             # a decode kernel that also reads a paged cache (prepare_paged)
     arch: tuple | None = None       # the one compute capability its code targets (wgmma: (9, 0)), else any
+    paths: tuple = ()               # num_splits values that force its other code paths (a prefill kernel's
+                                    # cfg): gpucheck runs the grid and the sanitizers on each of them too
     extra: dict = field(default_factory=dict)
 
     # -- calling -----------------------------------------------------------------
@@ -330,9 +332,9 @@ REGISTRY: list[Kernel] = [
            backward="07_flash_bwd.cu", strided_q=True,
            backward_prototype="fastmqa.prototypes.flash_bwd:mqa_flash_bwd",
            prototype="fastmqa.prototypes.flash:mqa_flash_tiled", suites=("prefill",)),
-    Kernel("08_flash_wgmma", "Hopper: wgmma from shared-memory descriptors, two CTAs an SM (sm_90a)",
+    Kernel("08_flash_wgmma", "Hopper: wgmma from shared-memory descriptors; long rows warp-specialised (sm_90a)",
            "prefill", "08_flash_wgmma.cu", "07_tensor_cores", dtypes=(FP16, BF16), returns_lse=True,
-           strided_q=True, arch=(9, 0),
+           strided_q=True, arch=(9, 0), paths=(12,),
            prototype="fastmqa.prototypes.flash:mqa_flash_tiled", suites=("prefill",)),
     Kernel("09_flash_3xtf32", "fp32 on tensor cores: 3xTF32 split products in the fused kernel",
            "prefill", "09_flash_3xtf32.cu", "07_tensor_cores", returns_lse=True, strided_q=True,

@@ -209,8 +209,9 @@ def child(name, B, H, S, D, causal, sq=None):
             raise SystemExit(f"unknown dtype {dt!r} in {name!r} (e.g. torch.sdpa_efficient@float32)")
         torch.backends.cuda.matmul.allow_tf32 = False
         kern, Sq, Skv = None, sq or S, S
-    else:
-        kern = kernels.get(name)
+    else:  # a registry kernel, or "name#N": the kernel with num_splits = N (a prefill kernel's cfg)
+        base, _, cfg = name.partition("#")
+        kern = kernels.get(base)
         dtype, B, H, Sq, Skv, D = shape_for(kern, B, H, S, D)
         Sq = min(sq, Sq) if sq else Sq
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -224,6 +225,8 @@ def child(name, B, H, S, D, causal, sq=None):
         kw = {}
         if kern.kind == "decode":
             kw["cache_seqlens"] = torch.full((B,), Skv, dtype=torch.int32, device="cuda")
+        if cfg:
+            kw["num_splits"] = int(cfg)
         launch = kern.prepare(q, k, v, causal=causal, **kw)[0]
     for _ in range(2):
         launch()
@@ -243,7 +246,7 @@ def profile(names, out, B, H, S, D, causal=False, timeout=900, sq=None):
     if ncu is None:
         raise SystemExit("ncu (Nsight Compute) not found: put it on PATH")
     # PyTorch's paths ("torch.sdpa_cudnn", bench.torch_paths) need no build
-    entries = [kernels.get(n) for n in names if not n.startswith("torch.")]
+    entries = list({n.partition("#")[0]: kernels.get(n.partition("#")[0]) for n in names if not n.startswith("torch.")}.values())
     errs = {n: e for n, e in build.build_all(entries).items() if e is not None}
     for n, e in errs.items():
         print(f"[profile] {n}: build failed, skipped: {e}", file=sys.stderr)
@@ -251,7 +254,7 @@ def profile(names, out, B, H, S, D, causal=False, timeout=900, sq=None):
     rows, failed = [], {}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     for name in names:
-        if name in errs:
+        if name.partition("#")[0] in errs:
             failed[name] = "build failed"
             continue
         print(f"[profile] {name} ...", flush=True)
@@ -314,7 +317,7 @@ def format_table(rows, cols=None) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m fastmqa.profile", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kernels", help="comma-separated registry names or PyTorch paths such as torch.sdpa_cudnn "
+    ap.add_argument("--kernels", help="comma-separated registry names (name#N: with num_splits N) or PyTorch paths such as torch.sdpa_cudnn "
                                       "(bf16; torch.sdpa_efficient@float32 for another dtype) (default: the fp32 suite)")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="JSON file to write (default results/ncu.json)")
     ap.add_argument("--shape", default="{B},{H},{S},{D}".format(**SEED), help="B,H,S,D (default the seed shape)")
@@ -332,7 +335,7 @@ def main(argv=None):
     names = [n.strip() for n in a.kernels.split(",") if n.strip()] if a.kernels else [k.name for k in kernels.in_suite("fp32")]
     for n in names:
         if not n.startswith("torch."):
-            kernels.get(n)  # a KeyError naming the known kernels
+            kernels.get(n.partition("#")[0])  # a KeyError naming the known kernels
     if a.sq is not None and a.sq < 1:
         ap.error(f"--sq must be a positive number of query rows, got {a.sq}")
     data = profile(names, a.out, B, H, S, D, a.causal, sq=a.sq)

@@ -346,7 +346,7 @@ mqa_flash_mma_kernel(const T* __restrict__ q,   // (B, H, Sq, D), strides qs
 
 template <typename T, int D, int BN, bool QR, int MINB, bool FAST>
 int launch(const MQAParams& p) {
-  return launch_flash<T, BM, NT>(mqa_flash_mma_kernel<T, D, BN, QR, MINB, FAST>, Cfg<T, D, BN, QR>::SMEM, p);
+  return launch_flash<T, BM, NT>(mqa_flash_mma_kernel<T, D, BN, QR, MINB, FAST>, Cfg<T, D, BN, QR>::SMEM, p, 0);
 }
 
 template <typename T, bool FAST>

@@ -15,8 +15,8 @@
 //     where every thread used to compute addresses and issue cp.async. Q's rows are packed (i, h)
 //     through q's strides, a gather: it stays on cp.async, made visible to the tensor cores by
 //     `fence.proxy.async`.
-// Not (yet) here: warp specialisation (a producer warp and consumers that overlap one
-// warpgroup's softmax with the other's products, with setmaxnreg, as FlashAttention-3 does).
+// Below it, FlashAttention-3's structure (mqa_flash_ws_kernel): a producer warpgroup, setmaxnreg,
+// ping-pong consumers, persistent blocks; by_dim sends long rows at D = 128 there.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -247,12 +247,309 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Warp specialisation, FlashAttention-3's structure: a block is 3 warpgroups. Warpgroup 0 is the
+// producer: it gives most of its registers back (setmaxnreg.dec) and one of its threads streams
+// K and V tiles by TMA into a ring of 2 stages, each stage's K and V on "full" mbarriers, and
+// waits on "empty" mbarriers before it refills a stage. Warpgroups 1 and 2 are consumers of 64
+// rows each, with 240 registers (setmaxnreg.inc): enough for 128-key tiles and, with OVERLAP,
+// FlashAttention-3's intra-warpgroup pipelining: S_t = Q K_t^T and O += P_{t-1} V_{t-1} are issued
+// together, the softmax of tile t runs while P_{t-1} V_{t-1} is still on the tensor cores.
+// PINGPONG orders the two consumers' products on two named barriers (each issues its products
+// in turn), so one warpgroup's softmax falls under the other's products.
+constexpr int WS_NT = 3 * 128;
+
+template <typename T, int D, int BN, bool OVERLAP, bool PINGPONG, bool PERSIST, bool FAST, int NSTAGE>
+__global__ void __launch_bounds__(WS_NT, 1)
+mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                    T* __restrict__ o, float* __restrict__ lse, int B, int H, int Sq, int Skv, float scale,
+                    int causal, const Strides qs, const Strides os, const __grid_constant__ CUtensorMap tm_k,
+                    const __grid_constant__ CUtensorMap tm_v) {
+  using C = Cfg<D, BN>;
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ long long row_o[BM];
+  __shared__ int row_i[BM];
+  __shared__ __align__(8) uint64_t bars[4 * NSTAGE];  // full K, full V, empty K, empty V: NSTAGE each
+  // PERSIST: two Q tiles, the next item's rows load while this one's are in use.
+  const uint32_t sQ = (smem_u32(smem_raw) + 1023) & ~1023u;
+  const uint32_t sK0 = sQ + (PERSIST ? 2 : 1) * C::Q_BYTES, sV0 = sK0 + NSTAGE * C::KV_BYTES;
+  const uint32_t fullK = smem_u32(&bars[0]), fullV = fullK + 8 * NSTAGE, emptyK = fullV + 8 * NSTAGE,
+                 emptyV = emptyK + 8 * NSTAGE;
+  // The u-th tile a block streams (over all its items) sits in stage u % NSTAGE, that stage's
+  // (u / NSTAGE)-th use: its barriers' phase parity.
+  auto stage = [](int u) { return u % NSTAGE; };
+  auto parity = [](int u) { return (uint32_t)(u / NSTAGE) & 1; };
+  const int tid = threadIdx.x;
+  // Work items: a (sequence, row block) each, as the non-persistent grid's blocks; PERSIST: one
+  // block an SM walks items blockIdx.x, + gridDim.x, ... and its stages' phases run on across them.
+  const int n_items = B * ((H * Sq + BM - 1) / BM);
+  const int w0 = blockIdx.x, dw = PERSIST ? (int)gridDim.x : n_items;
+  if (tid == 0) {
+#pragma unroll
+    for (int i = 0; i < 2 * NSTAGE; ++i) mbar_init(fullK + 8 * i, 1);  // the producer's arrive + bytes
+#pragma unroll
+    for (int i = 2 * NSTAGE; i < 4 * NSTAGE; ++i) mbar_init(fullK + 8 * i, 8);  // one arrival per consumer warp
+    mbar_fence_init();
+  }
+  __syncthreads();
+
+  if (tid < 128) {  // the producer warpgroup
+    setmaxnreg_dec<24>();
+    if (tid == 0) {
+      int u = 0;  // tiles loaded so far
+      for (int w = w0; w < n_items; w += dw) {
+        const FlashBlock<BM, BN> blk(B, H, Sq, Skv, causal, w);
+        for (int t = 0; t < blk.n_tiles; ++t, ++u) {
+          const int st = stage(u);
+          const uint32_t buf = st * C::KV_BYTES, ph = parity(u) ^ 1;  // tile u - NSTAGE's release
+          if (u >= NSTAGE) mbar_wait(emptyK + 8 * st, ph);
+          mbar_arrive_expect_tx(fullK + 8 * st, C::KV_BYTES);
+#pragma unroll
+          for (int a = 0; a < D / 64; ++a)
+            tma_load_3d(sK0 + buf + a * BN * 128, &tm_k, a * 64, t * BN, blk.b, fullK + 8 * st);
+          if (u >= NSTAGE) mbar_wait(emptyV + 8 * st, ph);
+          mbar_arrive_expect_tx(fullV + 8 * st, C::KV_BYTES);
+#pragma unroll
+          for (int a = 0; a < D / 64; ++a)
+            tma_load_3d(sV0 + buf + a * BN * 128, &tm_v, a * 64, t * BN, blk.b, fullV + 8 * st);
+        }
+      }
+    }
+    return;
+  }
+  setmaxnreg_inc<240>();
+
+  // A consumer: warp cw (0..7) of the two consumer warpgroups, warpgroup c owns rows 64c .. 64c+63.
+  const int ctid = tid - 128, cw = ctid >> 5, lane = tid & 31, c = cw >> 2, lt = ctid & 127;
+  const int g = lane >> 2, tq = lane & 3;
+  const float scale_log2 = scale * 1.4426950408889634f;
+  uint32_t q_rows = sQ + c * 64 * 128;  // this warpgroup's rows of the item's Q tile
+  float acc_o[D / 2], s[BN / 2], alpha[2], m_run[2], l_run[2];
+  uint32_t pa[C::KP][4];
+  int jlim[2], mask_from = 0;
+
+  // Ping-pong: consumer c issues its products between turn_begin and turn_end; consumer 1 lets
+  // consumer 0 go first. Both visit the same items and tiles, so the turns pair up.
+  auto turn_begin = [&] { if (PINGPONG) named_sync(1 + c, 256); };
+  auto turn_end = [&] { if (PINGPONG) named_arrive(2 - c, 256); };
+  auto issue_s = [&](int u) {
+    const uint32_t sK = sK0 + stage(u) * C::KV_BYTES;
+#pragma unroll
+    for (int ks = 0; ks < C::KS; ++ks) {
+      const uint64_t da = gmma_desc(q_rows + (ks >> 2) * (BM * 128) + (ks & 3) * 32, 16, 1024);
+      const uint64_t db = gmma_desc(sK + (ks >> 2) * (BN * 128) + (ks & 3) * 32, 16, 1024);
+      Wgmma<T, BN>::ss(s, da, db, ks > 0);
+    }
+    wgmma_commit();
+  };
+  auto issue_pv = [&](int u) {
+    const uint32_t sV = sV0 + stage(u) * C::KV_BYTES;
+#pragma unroll
+    for (int kk = 0; kk < C::KP; ++kk)
+      Wgmma<T, D>::rs(acc_o, pa[kk], gmma_desc(sV + kk * 16 * 128, BN * 128, 1024), 1);
+    wgmma_commit();
+  };
+  auto release = [&](uint32_t bar) {  // this warp is done reading the stage's buffer
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar);
+  };
+  auto softmax = [&](int t) {  // S_t -> P_t (fp32, in s), alpha, m_run, l_run
+    if (t >= mask_from) {
+      const int n0 = t * BN;
+#pragma unroll
+      for (int n = 0; n < C::NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (n0 + n * 8 + 2 * tq + (e & 1) > jlim[e >> 1]) s[4 * n + e] = -INFINITY;
+    }
+    quad_softmax<C::NS, FAST>(s, m_run, l_run, alpha, scale_log2, ex2);
+  };
+  auto rescale_pack = [&] {
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+      for (int n = 0; n < C::NO; ++n) {
+        acc_o[4 * n + 0] *= alpha[0];
+        acc_o[4 * n + 1] *= alpha[0];
+        acc_o[4 * n + 2] *= alpha[1];
+        acc_o[4 * n + 3] *= alpha[1];
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < C::KP; ++kk) {
+      pa[kk][0] = Mma<T>::pack(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = Mma<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = Mma<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = Mma<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+  };
+
+  // Item w's 64 rows of this warpgroup into the Q tile at dst, by cp.async (one commit group).
+  auto load_q = [&](int w, uint32_t dst) {
+    const FlashBlock<BM, BN> blk(B, H, Sq, Skv, causal, w);
+    constexpr int CH = D / 8;
+#pragma unroll
+    for (int it = 0; it < 64 * CH / 128; ++it) {
+      const int idx = lt + it * 128, r = c * 64 + idx / CH, ch = idx % CH;
+      const int row = blk.m0 + r, i = row / H, h = row % H;
+      const bool in = row < H * Sq;
+      cp_async16(dst + sw128<BM>(r, ch), q + (in ? blk.b * qs.b + h * qs.h + i * qs.s : 0) + ch * 8, in);
+    }
+    cp_async_commit();
+  };
+
+  if (PINGPONG && c == 1) named_arrive(1, 256);
+  int u0 = 0;  // tiles consumed before this item (the producer's count)
+  if (PERSIST && w0 < n_items) load_q(w0, sQ);
+  for (int w = w0, item = 0; w < n_items; w += dw, ++item) {
+    const FlashBlock<BM, BN> blk(B, H, Sq, Skv, causal, w);
+    const int b = blk.b, m0 = blk.m0, off = blk.off, n_tiles = blk.n_tiles;
+    const uint32_t sQn = sQ + (PERSIST ? (item & 1) * C::Q_BYTES : 0);  // this item's Q tile
+    q_rows = sQn + c * 64 * 128;
+    mask_from = blk.mask_from;
+    named_sync(3 + c, 128);  // the warpgroup is done with the last item (its epilogue, its rows)
+    if (lt < 64) {
+      const int r = c * 64 + lt, row = m0 + r, i = row / H, h = row % H;
+      row_o[r] = row < H * Sq ? b * os.b + h * os.h + i * os.s : -1;
+      row_i[r] = i;
+    }
+    if (!PERSIST) {
+      load_q(w, sQn);
+      cp_async_wait_all();
+    } else if (w + dw < n_items) {  // the next item's Q into the other tile, under this item
+      load_q(w + dw, sQ + ((item + 1) & 1) * C::Q_BYTES);
+      cp_async_wait_1();
+    } else {
+      cp_async_wait_all();
+    }
+    fence_async_shared();  // this item's Q, visible to the tensor cores
+    named_sync(3 + c, 128);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int i = min(row_i[cw * 16 + g + 8 * hf], Sq - 1);
+      jlim[hf] = causal ? min(Skv - 1, i + off) : Skv - 1;
+      m_run[hf] = -INFINITY;
+      l_run[hf] = 0.f;
+    }
+#pragma unroll
+    for (int e = 0; e < D / 2; ++e) acc_o[e] = 0.f;
+
+    if (OVERLAP) {
+      if (n_tiles > 0) {
+        mbar_wait(fullK + 8 * stage(u0), parity(u0));
+        turn_begin();
+        wgmma_fence();
+        issue_s(u0);
+        turn_end();
+        wgmma_wait<0>();
+        release(emptyK + 8 * stage(u0));
+        softmax(0);
+        rescale_pack();
+        for (int t = 1; t < n_tiles; ++t) {
+          const int u = u0 + t, st = stage(u), sp = stage(u - 1);
+          mbar_wait(fullK + 8 * st, parity(u));
+          turn_begin();
+          wgmma_fence();
+          issue_s(u);                                        // S_t = Q K_t^T ...
+          mbar_wait(fullV + 8 * sp, parity(u - 1));
+          issue_pv(u - 1);                                   // ... and O += P_{t-1} V_{t-1}
+          turn_end();
+          wgmma_wait<1>();                                   // S_t is done
+          release(emptyK + 8 * st);
+          softmax(t);                                        // under P_{t-1} V_{t-1}
+          wgmma_wait<0>();
+          release(emptyV + 8 * sp);
+          rescale_pack();
+        }
+        const int ul = u0 + n_tiles - 1;
+        mbar_wait(fullV + 8 * stage(ul), parity(ul));
+        turn_begin();
+        wgmma_fence();
+        issue_pv(ul);
+        turn_end();
+        wgmma_wait<0>();
+        release(emptyV + 8 * stage(ul));
+      }
+    } else {
+      for (int t = 0; t < n_tiles; ++t) {
+        const int u = u0 + t, st = stage(u);
+        mbar_wait(fullK + 8 * st, parity(u));
+        turn_begin();
+        wgmma_fence();
+        issue_s(u);
+        turn_end();
+        wgmma_wait<0>();
+        release(emptyK + 8 * st);
+        softmax(t);
+        rescale_pack();
+        mbar_wait(fullV + 8 * st, parity(u));
+        turn_begin();
+        wgmma_fence();
+        issue_pv(u);
+        turn_end();
+        wgmma_wait<0>();
+        release(emptyV + 8 * st);
+      }
+    }
+    u0 += n_tiles;
+
+    // Epilogue as in mqa_flash_wgmma_kernel: each warp stages its own 16 rows in Q's tile.
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const float l = quad_sum(l_run[hf]);
+      const float inv = l != 0.f ? 1.f / l : 0.f;
+      const int r = cw * 16 + g + 8 * hf;
+#pragma unroll
+      for (int n = 0; n < C::NO; ++n) {
+        const uint32_t val = Mma<T>::pack(acc_o[4 * n + 2 * hf] * inv, acc_o[4 * n + 2 * hf + 1] * inv);
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sQn + sw128<BM>(r, n) + tq * 4), "r"(val));
+      }
+      const int m = m0 + r, i = row_i[r];
+      if (lse && tq == 0 && m < H * Sq)
+        lse[((size_t)b * H + (m - i * H)) * Sq + i] = l != 0.f ? m_run[hf] * scale + logf(l) : -INFINITY;
+    }
+    __syncwarp();
+    {
+      constexpr int CH = D / 8;
+#pragma unroll
+      for (int it = 0; it < 16 * CH / 32; ++it) {
+        const int r = cw * 16 + lane / CH + it * (32 / CH), ch = lane % CH;
+        const long long base = row_o[r];
+        if (base >= 0) {
+          uint4 val;
+          asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
+                       : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w) : "r"(sQn + sw128<BM>(r, ch)));
+          *reinterpret_cast<uint4*>(o + base + ch * 8) = val;
+        }
+      }
+    }
+  }
+  if (PINGPONG && c == 0) named_sync(1, 256);  // consumer 1's first arrival
+}
+
+template <typename T, int D, int BN, bool OVERLAP, bool PINGPONG, bool PERSIST = false, bool FAST = false, int NSTAGE = 2>
+int launch_ws(const MQAParams& p) {
+  CUtensorMap tm_k{}, tm_v{};
+  if (!(make_tmap_bsd(&tm_k, p.k, p.B, p.Skv, D, BN) && make_tmap_bsd(&tm_v, p.v, p.B, p.Skv, D, BN)))
+    return FASTMQA_UNSUPPORTED;
+  auto kern = mqa_flash_ws_kernel<T, D, BN, OVERLAP, PINGPONG, PERSIST, FAST, NSTAGE>;
+  int grid = 0;
+  if (PERSIST) {
+    int dev = 0, sms = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+      return FASTMQA_UNSUPPORTED;
+    grid = sms;
+  }
+  using C = Cfg<D, BN>;  // Cfg::SMEM counts one Q tile and 2 stages
+  return launch_flash<T, BM, WS_NT>(kern, C::SMEM + (PERSIST ? C::Q_BYTES : 0) + (NSTAGE - 2) * 2 * C::KV_BYTES, p, grid,
+                                    tm_k, tm_v);
+}
+
 template <typename T, int D, int BN, int MINB, bool TMA = false>
 int launch(const MQAParams& p) {
   CUtensorMap tm_k{}, tm_v{};  // unused without TMA
   if (TMA && !(make_tmap_bsd(&tm_k, p.k, p.B, p.Skv, D, BN) && make_tmap_bsd(&tm_v, p.v, p.B, p.Skv, D, BN)))
     return launch<T, D, BN, MINB, false>(p);
-  return launch_flash<T, BM, NT>(mqa_flash_wgmma_kernel<T, D, BN, MINB, TMA>, Cfg<D, BN>::SMEM, p, tm_k, tm_v);
+  return launch_flash<T, BM, NT>(mqa_flash_wgmma_kernel<T, D, BN, MINB, TMA>, Cfg<D, BN>::SMEM, p, 0, tm_k, tm_v);
 }
 
 // Measured on the H100 (scripts/dev_wgmma.py, results/wgmma_dev.json): two CTAs an SM (registers
@@ -276,8 +573,38 @@ int by_dim(const MQAParams& p, int cfg) {
   }
   return FASTMQA_UNSUPPORTED;
 }
+// The warp-specialised kernel, one idea at a time (scripts/dev_wgmma.py --cfgs, dev_ws_time.py;
+// results/ws_dev*.json, ws_time_dev.json): 5 = producer + 2 consumers, 128-key tiles; 6 = + the
+// intra-warpgroup overlap; 7 = + ping-pong; 10 = 7 persistent (one block an SM, the next item's Q
+// loaded under this one); 11 = 7 with quad_softmax's FAST exponent; 12 = 10 + 11, the dispatched one.
+template <typename T, int D>
+int ws_cfg(const MQAParams& p, int cfg) {
+  switch (cfg) {
+    case 5: return launch_ws<T, D, 128, false, false>(p);
+    case 6: return launch_ws<T, D, 128, true, false>(p);
+    case 7: return launch_ws<T, D, 128, true, true>(p);
+    case 10: return launch_ws<T, D, 128, true, true, true>(p);
+    case 11: return launch_ws<T, D, 128, true, true, false, true>(p);
+    case 12: return launch_ws<T, D, 128, true, true, true, true>(p);
+    default: return FASTMQA_UNSUPPORTED;
+  }
+}
+// Measured (results/ws_time_dev.json, 3 alternating rounds): at D = 128 cfg 12 is 1.06-1.14x the
+// two-CTA kernel once a row sees >= 1024 keys on average (non-causal S >= 1024, causal S >= 4096;
+// level at causal 2048), 0.85-0.98x on shorter rows, where one block an SM cannot hide its
+// prologue and epilogue; at D = 64 the two-CTA kernel stays ahead (0.81-0.99x).
 template <typename T>
 int by_dim(const MQAParams& p) {
+  if (p.num_splits >= 5) {
+    if (p.D == 128) return ws_cfg<T, 128>(p, p.num_splits);
+    if (p.D == 64) return ws_cfg<T, 64>(p, p.num_splits);
+    return FASTMQA_UNSUPPORTED;
+  }
+  const long long avg_keys = p.causal ? (long long)p.Skv - p.Sq / 2 : p.Skv;  // keys a row sees on average
+  if (p.num_splits == 0 && p.D == 128 && avg_keys >= 1024) {
+    const int r = launch_ws<T, 128, 128, true, true, true, true>(p);
+    if (r != FASTMQA_UNSUPPORTED) return r;  // else (no tensor map) the two-CTA kernel below
+  }
   return p.num_splits == 4 ? by_dim<T, false>(p, 0) : by_dim<T, true>(p, p.num_splits);
 }
 

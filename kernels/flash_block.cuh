@@ -20,10 +20,11 @@ struct FlashBlock {
   int mask_from;  // tiles from here on cross Skv or some row's diagonal: they need the mask
   // Grid: B x (row blocks); the blocks with the most keys (the last rows, under a causal mask)
   // are scheduled first, so the longest ones do not start last.
-  __device__ __forceinline__ FlashBlock(int B, int H, int Sq, int Skv, int causal) {
+  // w: the work item (a persistent kernel's loop index; else the block's index).
+  __device__ __forceinline__ FlashBlock(int B, int H, int Sq, int Skv, int causal, int w = blockIdx.x) {
     const int nmb = (H * Sq + BM - 1) / BM;
-    const int mb = nmb - 1 - (int)(blockIdx.x / B);
-    b = blockIdx.x % B;
+    const int mb = nmb - 1 - w / B;
+    b = w % B;
     m0 = mb * BM;
     off = Skv - Sq;
     const int i_first = m0 / H, i_last = min(Sq - 1, (m0 + BM - 1) / H);
@@ -41,9 +42,44 @@ struct FlashBlock {
 // alpha. exp2: the 2^x to use (ex2.approx in bf16, exp2f in fp32). The exponents are
 // round(s * scale_log2) - m_scaled, unfused (__fmul_rn): <= 0 and exactly 0 for the max at any
 // magnitude (a fused fmaf leaves exp2(rounding residual): inf or 0 at inputs ~1e6, see 01_naive.cu).
-template <int NS, typename Exp2>
+// FAST (08's warp-specialised kernel, an experiment): where every row max of the warp is below
+// 2^10 in exponent units, the rounding residual of a fused fmaf is under 2^-14 of the exponent:
+// p = exp2(fmaf(s, scale_log2, -m_scaled)), one instruction instead of two.
+template <int NS, bool FAST = false, typename Exp2>
 __device__ __forceinline__ void quad_softmax(float* s, float (&m_run)[2], float (&l_run)[2], float (&alpha)[2],
                                              float scale_log2, Exp2 exp2) {
+  if constexpr (FAST) {
+    float mx[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float x = m_run[hf];
+#pragma unroll
+      for (int n = 0; n < NS; ++n) x = fmaxf(x, fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]));
+      x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+      mx[hf] = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+    }
+    const float ms0 = mx[0] == -INFINITY ? 0.f : __fmul_rn(mx[0], scale_log2);
+    const float ms1 = mx[1] == -INFINITY ? 0.f : __fmul_rn(mx[1], scale_log2);
+    if (__all_sync(0xffffffffu, fabsf(ms0) < 1024.f && fabsf(ms1) < 1024.f)) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const float m_scaled = hf ? ms1 : ms0;
+        alpha[hf] = exp2(__fmul_rn(m_run[hf], scale_log2) - m_scaled);
+        m_run[hf] = mx[hf];
+        float ls = 0.f;
+#pragma unroll
+        for (int n = 0; n < NS; ++n) {
+          const float p0 = exp2(fmaf(s[4 * n + 2 * hf], scale_log2, -m_scaled));
+          const float p1 = exp2(fmaf(s[4 * n + 2 * hf + 1], scale_log2, -m_scaled));
+          s[4 * n + 2 * hf] = p0;
+          s[4 * n + 2 * hf + 1] = p1;
+          ls += p0 + p1;
+        }
+        l_run[hf] = l_run[hf] * alpha[hf] + ls;
+      }
+      return;
+    }
+  }
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     float mx = m_run[hf];
@@ -75,15 +111,16 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 // Launch a fused prefill kernel (its signature below, then any kernel-specific arguments `extra`,
 // e.g. 08's TMA tensor maps) over B x ceil(H Sq / BM) blocks of NT threads with `smem` bytes of
-// dynamic shared memory (the limit raised first).
+// dynamic shared memory (the limit raised first); a persistent kernel passes at most `grid` blocks.
 template <typename T, int BM, int NT, typename... Extra>
 int launch_flash(void (*kern)(const T*, const T*, const T*, T*, float*, int, int, int, int, float, int,
                               const Strides, const Strides, Extra...),
-                 int smem, const MQAParams& p, const Extra&... extra) {
+                 int smem, const MQAParams& p, int grid, const Extra&... extra) {
   if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
     return FASTMQA_UNSUPPORTED;
   const int nmb = (p.H * p.Sq + BM - 1) / BM;
-  kern<<<nmb * p.B, NT, smem, p.stream>>>((const T*)p.q, (const T*)p.k, (const T*)p.v, (T*)p.o, p.lse, p.B, p.H,
+  const int blocks = grid > 0 && grid < nmb * p.B ? grid : nmb * p.B;
+  kern<<<blocks, NT, smem, p.stream>>>((const T*)p.q, (const T*)p.k, (const T*)p.v, (T*)p.o, p.lse, p.B, p.H,
                                           p.Sq, p.Skv, p.scale, p.causal, Strides{p.q_sb, p.q_sh, p.q_ss},
                                           Strides{p.o_sb, p.o_sh, p.o_ss}, extra...);
   return 0;

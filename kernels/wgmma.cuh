@@ -137,4 +137,15 @@ FASTMQA_WGMMA(__half, "f16", 128, FASTMQA_REGS64, FASTMQA_OUTS64, "64", "65", "6
 #undef FASTMQA_OUTS32
 #undef FASTMQA_OUTS64
 
+// Warp specialisation (08's FlashAttention-3 structure): a warpgroup gives registers back to the
+// pool (dec) or takes them (inc) while the kernel runs; all of its threads execute it together.
+template <int R>
+__device__ __forceinline__ void setmaxnreg_dec() { FASTMQA_SM90A_ASM("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R)); }
+template <int R>
+__device__ __forceinline__ void setmaxnreg_inc() { FASTMQA_SM90A_ASM("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R)); }
+// Named barriers (ids 1..15; 0 is __syncthreads): n threads, a multiple of 32, take part; sync
+// waits for all n, arrive counts this warp without waiting.
+__device__ __forceinline__ void named_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void named_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+
 }  // namespace

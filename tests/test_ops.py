@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fastmqa import check, kernels, ops
+from fastmqa.fuzz import check_lse
 from fastmqa.ops import forward, gradient_errors, mqa_attention
 from fastmqa.reference import attention_ref
 
@@ -417,3 +418,44 @@ def test_gpu_backward_kernel_is_deterministic():
         for _ in range(3):
             again = kern.run_backward(dout, q, k, v, out, lse, causal=causal)
             assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+# -- 08_flash_wgmma's warp-specialised path -----------------------------------------------
+needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                                reason="needs an sm_90 GPU (wgmma)")
+
+
+@gpu
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal,Sq,Skv", [(False, 70, 1100), (True, 300, 2500), (True, 2049, 2049),
+                                           (False, 1, 1500), (True, 5, 3000)])
+def test_gpu_wgmma_long_rows_take_the_warp_specialised_path(dtype, causal, Sq, Skv):
+    """Rows that see >= 1024 keys on average at D = 128 run the warp-specialised kernel (cfg 12,
+    the registry's `paths`): the default call equals the forced path bitwise, and both meet
+    the tolerance rule, lse included, with q and o through strides (a (B, S, H, D) projection)."""
+    wg = kernels.get("08_flash_wgmma")
+    B, H, D = 2, 4, 128
+    g = torch.Generator(device="cuda").manual_seed(Skv)
+    q = torch.randn(B, Sq, H, D, device="cuda", dtype=dtype, generator=g).transpose(1, 2)
+    k = torch.randn(B, 1, Skv, D, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(B, 1, Skv, D, device="cuda", dtype=dtype, generator=g)
+    o, lse = wg(q, k, v, causal=causal, return_lse=True)
+    o12, lse12 = wg(q, k, v, causal=causal, return_lse=True, num_splits=12)
+    assert torch.equal(o, o12) and torch.equal(lse, lse12)
+    check.assert_close(o, q, k, v, causal=causal, what="08_flash_wgmma (warp-specialised)")
+    why = check_lse(lse, q, k, v, causal, None, None)  # the rule again, for the log-sum-exp
+    assert why is None, why
+
+
+@gpu
+@needs_sm90
+def test_gpu_wgmma_paths_agree_with_the_two_cta_kernel_on_short_rows():
+    """On short rows the default is the two-CTA kernel; the forced warp-specialised path (every
+    cfg of the ladder) meets the same rule there, including rows past the last tile."""
+    wg = kernels.get("08_flash_wgmma")
+    q, k, v = qkv(B=3, H=32, Sq=77, Skv=333, D=128, dtype=torch.bfloat16, device="cuda", seed=5)
+    for causal in (False, True):
+        for cfg in (5, 6, 7, 10, 11, 12):
+            check.assert_close(wg(q, k, v, causal=causal, num_splits=cfg), q, k, v, causal=causal,
+                               what=f"08_flash_wgmma cfg {cfg}")
