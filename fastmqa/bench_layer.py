@@ -9,7 +9,8 @@ Two workloads, both at hidden 4096 and 32 query heads (head_dim 128):
       torch.mha              nn.MultiheadAttention (MHA, 32 K/V heads)
       torch.sdpa_gqa_layer   the same MQA layer with PyTorch's SDPA (enable_gqa) for attention
   tflops counts the layer's model flops (projections + attention, halved for causal); the
-  backward counts as twice the forward.
+  backward counts as twice the forward. At each shape and pass the three layers are timed side
+  by side, in ROUNDS rounds of alternating order; ms is the median, "rounds" each round's time.
 
 * decode rows (kind "decode"): one new token per sequence against a cache of 4096 tokens,
   B = 1 ... 64, for MHA, GQA-8, MQA (torch.sdpa_gqa_layer), MQA (fastmqa.layer) and MLA
@@ -21,6 +22,8 @@ Two workloads, both at hidden 4096 and 32 query heads (head_dim 128):
 `suite_layer(timer, quick=False)` returns (rows, skipped); `fastmqa.bench` writes them.
 """
 from __future__ import annotations
+
+import statistics
 
 import torch
 from torch import nn
@@ -63,43 +66,60 @@ def layer_flops(B, S, kv_heads, causal=True):
     return proj + attention_flops(B, HEADS, S, S, D, causal)
 
 
+ROUNDS = 3  # prefill rows: each time is the median over rounds that alternate the layers' order
+
+
 def _prefill_rows(timer, seqs, bar):
+    """Every layer at one shape and pass, then the next: the layers are timed side by side, in
+    ROUNDS rounds of alternating order (clock and thermal drift over the suite would otherwise
+    favour whichever layer ran first), each row the median of its rounds' times."""
     rows, skipped = [], []
     D = HIDDEN // HEADS
     kern = ops.select_kernel(DTYPE, D, True)
-    for impl, (make, fn, kv_heads) in _prefill_layers().items():
-        module = make().to(device=DEVICE, dtype=DTYPE)
-        for S in seqs:
-            B = max(1, TOKENS // S)
-            x = torch.randn(B, S, HIDDEN, device=DEVICE, dtype=DTYPE)
-            g = torch.randn_like(x)
-            xg = x.clone().requires_grad_()
-            extra = dict(hidden=HIDDEN, kv_heads=kv_heads)
-            if impl == "fastmqa.layer":
-                extra["path"] = kern.name if kern is not None else "reference"
+    layers = {impl: (make().to(device=DEVICE, dtype=DTYPE), fn, kv_heads)
+              for impl, (make, fn, kv_heads) in _prefill_layers().items()}
+    for S in seqs:
+        B = max(1, TOKENS // S)
+        x = torch.randn(B, S, HIDDEN, device=DEVICE, dtype=DTYPE)
+        g = torch.randn_like(x)
+        xg = x.clone().requires_grad_()
+        for name, mult in (("fwd", 1), ("fwd+bwd", 3)):
+            times, failed = {impl: [] for impl in layers}, {}
+            order = list(layers)
+            for r in range(ROUNDS):
+                for impl in (order if r % 2 == 0 else order[::-1]):
+                    if impl in failed:
+                        continue
+                    module, fn, _ = layers[impl]
+                    module.train(name == "fwd+bwd")
 
-            def fwd():
-                with torch.inference_mode():
-                    fn(module, x)
-
-            def fwd_bwd():
-                fn(module, xg).backward(g)
-            for name, run, mult in (("fwd", fwd, 1), ("fwd+bwd", fwd_bwd, 3)):
-                module.train(name == "fwd+bwd")
-                try:
-                    ms = timer(run)
-                except torch.OutOfMemoryError as e:
-                    skipped.append(dict(impl=impl, S=S, **{"pass": name}, why=f"out of memory: {str(e).splitlines()[0][:120]}"))
-                    torch.cuda.empty_cache()
+                    def run():
+                        if name == "fwd":
+                            with torch.inference_mode():
+                                fn(module, x)
+                        else:
+                            fn(module, xg).backward(g)
+                    try:
+                        times[impl].append(timer(run))
+                    except torch.OutOfMemoryError as e:
+                        failed[impl] = f"out of memory: {str(e).splitlines()[0][:120]}"
+                        torch.cuda.empty_cache()
+                    module.zero_grad(set_to_none=True)
+            for impl, (_, _, kv_heads) in layers.items():
+                if impl in failed:
+                    skipped.append(dict(impl=impl, S=S, **{"pass": name}, why=failed[impl]))
                     continue
+                ms = statistics.median(times[impl])
+                extra = dict(hidden=HIDDEN, kv_heads=kv_heads, rounds=[round(t, 5) for t in times[impl]])
+                if impl == "fastmqa.layer":
+                    extra["path"] = kern.name if kern is not None else "reference"
                 flops = mult * layer_flops(B, S, kv_heads)
                 rows.append(_row(impl, "layer", DTYPE, B, HEADS, S, S, D, True, ms, **{"pass": name},
                                  tflops=round(flops / ms / 1e9, 2), **extra))
-            module.zero_grad(set_to_none=True)
-            del x, g, xg
-            bar.update()
-        del module
-        torch.cuda.empty_cache()
+        del x, g, xg
+        bar.update(len(layers))
+    del layers
+    torch.cuda.empty_cache()
     return rows, skipped
 
 

@@ -269,7 +269,10 @@ def test_bench_layer_suite_plumbing_on_cpu(monkeypatch):
         monkeypatch.setattr(bench_layer, name, val)
     calls = []
     rows, skipped = bench_layer.suite_layer(lambda fn: (fn(), calls.append(1), 1.0)[-1], quick=True)
-    assert not skipped and len(rows) == 3 * 2 * 2 + 6 * 2 and len(calls) == len(rows)
+    assert not skipped and len(rows) == 3 * 2 * 2 + 6 * 2
+    # prefill rows: every layer timed in each of ROUNDS rounds, the row keeps each round's time
+    assert len(calls) == 3 * 2 * 2 * bench_layer.ROUNDS + 6 * 2
+    assert all(len(r["rounds"]) == bench_layer.ROUNDS for r in rows if r["kind"] == "layer")
     bench.validate_results(dict(suite="layer", device="cpu", torch="", cuda="", date="", rows=rows,
                                 ceilings=dict(copy_gbps=1, bf16_tflops=1, fp32_tflops=1)))
     dec = [r for r in rows if r["kind"] == "decode"]
