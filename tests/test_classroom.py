@@ -271,3 +271,37 @@ def test_committed_student_notebooks_contain_no_solutions():
                     # lines that also stand outside every solution region (stubs, shared code) may stay
                     if len(line.strip()) > 25 and line.strip() not in outside:
                         assert line.strip() not in stu_src, f"{stu.name} leaks solution line {line.strip()!r}"
+
+
+def test_stage_ring_check_catches_each_protocol_error():
+    """ex-07-ring's grader runs the ring: a producer that never waits refills a stage in use,
+    parities counted per tile deadlock or read early, a wait for the wrong phase deadlocks;
+    the kernel's protocol, and CUTLASS's (the producer waits for parity 1 on fresh barriers), pass."""
+    from fastmqa.classroom.exercises import check_stage_ring
+
+    def kernel(u, n):
+        f = u // n
+        return u % n, f & 1, None if u < n else (f & 1) ^ 1
+
+    def cutlass(u, n):
+        f = u // n
+        return u % n, f & 1, (f & 1) ^ 1
+
+    def no_wait(u, n):
+        return u % n, (u // n) & 1, None
+
+    def per_tile(u, n):
+        return u % n, u & 1, None if u < n else ((u // n) & 1) ^ 1
+
+    def wrong_phase(u, n):
+        return u % n, (u // n) & 1, None if u < n else (u // n) & 1
+
+    for fn in (kernel, cutlass):
+        assert all(r.ok for r in check_stage_ring(fn)), fn.__name__
+    details = {fn.__name__: [r.detail for r in check_stage_ring(fn) if not r.ok]
+               for fn in (no_wait, per_tile, wrong_phase)}
+    assert any("refilled stage" in d for d in details["no_wait"])
+    assert details["per_tile"] and all("deadlock" in d or "passed the full barrier" in d for d in details["per_tile"])
+    assert details["wrong_phase"]
+    bad = check_stage_ring(lambda u, n: (u, 0, None))  # a stage out of range: a readable error, no crash
+    assert not bad[0].ok and "stage in 0.." in bad[0].detail

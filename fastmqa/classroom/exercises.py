@@ -287,6 +287,92 @@ def check_tile_layout(fn, ctx=None, dims=(64, 128), keys=64):
     return results
 
 
+def _simulate_ring(fn, nstage, n_tiles, consumers, pick):
+    """Run 08_flash_wgmma's stage ring with `fn(u, nstage) -> (stage, full_parity, empty_parity)`
+    driving one producer and `consumers` consumers, the next step of whom `pick(runnable)` chooses.
+    mbarriers as on the GPU: a wait for parity p passes once the phase of parity p has completed,
+    i.e. while the barrier's completed-phase count has the other parity (so a wait on a fresh
+    barrier passes for p = 1); a full barrier completes when the producer fills its stage, an
+    empty one when every consumer has released it. None if the run is clean, else what broke."""
+    full, empty, arrivals = [0] * nstage, [0] * nstage, [0] * nstage
+    tile, readers = [None] * nstage, [0] * nstage
+    nxt = {"producer": 0, **{f"consumer {c}": 0 for c in range(consumers)}}
+
+    def ring(u):
+        r = fn(u, nstage)
+        if not (isinstance(r, tuple) and len(r) == 3):
+            raise TypeError(f"ring_waits({u}, {nstage}) must return (stage, full_parity, empty_parity), got {r!r}")
+        st, fp, ep = r
+        if not (isinstance(st, int) and 0 <= st < nstage and fp in (0, 1) and ep in (None, 0, 1)):
+            raise ValueError(f"ring_waits({u}, {nstage}) = {r!r}: stage in 0..{nstage - 1}, parities 0 or 1 "
+                             "(the empty parity may be None)")
+        return int(st), int(fp), ep
+
+    def passes(done, p):
+        return p is None or (done & 1) != p
+
+    def runnable(who):
+        u = nxt[who]
+        if u >= n_tiles:
+            return False
+        st, fp, ep = ring(u)
+        return passes(empty[st], ep) if who == "producer" else passes(full[st], fp)
+
+    while True:
+        ready = [w for w in nxt if runnable(w)]
+        if not ready:
+            if all(u >= n_tiles for u in nxt.values()):
+                return None
+            waiting = ", ".join(f"{w} at tile {u}" for w, u in nxt.items() if u < n_tiles)
+            return f"deadlock: nobody can go on ({waiting})"
+        who = pick(ready)
+        u = nxt[who]
+        st, fp, ep = ring(u)
+        if who == "producer":
+            if readers[st]:
+                return (f"the producer refilled stage {st} with tile {u} while {readers[st]} consumer(s) still "
+                        f"had tile {tile[st]} to read")
+            tile[st], readers[st] = u, consumers
+            full[st] += 1
+        else:
+            if tile[st] != u or readers[st] == 0:
+                return (f"{who} passed the full barrier of stage {st} (parity {fp}) for tile {u}, but the stage "
+                        f"held {'nothing yet' if tile[st] is None else f'tile {tile[st]}'}")
+            readers[st] -= 1
+            arrivals[st] += 1
+            if arrivals[st] == consumers:
+                arrivals[st] = 0
+                empty[st] += 1
+        nxt[who] = u + 1
+
+
+def check_stage_ring(fn, ctx=None, stages=(1, 2, 3), consumer_counts=(1, 2), seeds=12):
+    """fn(u, nstage) -> (stage, full_parity, empty_parity) of the u-th tile a block streams through
+    a ring of nstage stages (08_flash_wgmma's warp-specialised kernel): graded by running the ring
+    (`_simulate_ring`) under the producer-first and consumers-first schedules and `seeds` random
+    ones: no consumer reads a stage before its tile is in, no refill before every consumer has
+    released the stage, no deadlock."""
+    import random
+    results = []
+    for nstage in stages:
+        for consumers in consumer_counts:
+            name = f"{nstage} stage(s), {consumers} consumer(s)"
+
+            def case(nstage=nstage, consumers=consumers, name=name):
+                n_tiles = 3 * nstage + 2
+                picks = [("producer first", lambda r: r[0]), ("consumers first", lambda r: r[-1])]
+                for seed in range(seeds):
+                    rng = random.Random(seed)
+                    picks.append((f"random schedule {seed}", lambda r, rng=rng: rng.choice(r)))
+                for what, pick in picks:
+                    why = _simulate_ring(fn, nstage, n_tiles, consumers, pick)
+                    if why:
+                        return CaseResult(name, False, f"{what}: {why}")
+                return CaseResult(name, True, f"{n_tiles} tiles under {len(picks)} schedules")
+            results.append(_run_case(name, case))
+    return results
+
+
 def _check_meanpool(fn, ctx, shapes=((4, 8, 16), (12, 32, 384), (1, 5, 7))):
     results = []
     for (H, d, hidden) in shapes:
@@ -352,6 +438,11 @@ EXERCISES: list[Exercise] = [
              name="mqa_flash_db", check=AttentionCheck(causal=(False, True)),
              hint="tile t lives in buffer t % 2; after the barrier at the top of tile t, copy tile t + 1 "
                   "(keys (t + 1) * BN + r, zeros past Skv) into buffer 1 - t % 2"),
+    Exercise("ex-07-ring", "07_tensor_cores", "The stage ring's barrier phases",
+             name="ring_waits", check=FunctionCheck(check_stage_ring),
+             hint="tile u sits in stage u % nstage and is that stage's (u // nstage)-th fill: consumers wait "
+                  "for the parity of that count on the full barrier; the producer waits, from u = nstage on, "
+                  "for the release of tile u - nstage, the previous fill's count, on the empty barrier"),
     Exercise("ex-08-splitkv", "08_decode", "Split-KV in two kernels: partials, then combine",
              name="mqa_splitkv", check=AttentionCheck(causal=(False, True)), hint=_CAUSAL_HINT
              + "; a split that sees no key has m = -inf and l = 0 and must add nothing when combined"),
