@@ -53,6 +53,45 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const T* src, int j0, in
   }
 }
 
+// Both kernels' epilogue for one warp: its 16 rows of O from row w16 of the block's tile on (l
+// summed over the quad, normalised; a row that saw no key gives zeros and lse = -inf), staged in
+// the same rows of the swizzled tile at `tile` (the block's Q tile, no longer read), then written
+// by 16-byte coalesced stores of whole rows; the lse of each row.
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(const float (&acc_o)[D / 2], const float (&m_run)[2], const float (&l_run)[2],
+                                           uint32_t tile, int w16, int lane, const long long* row_o, const int* row_i,
+                                           T* __restrict__ o, float* __restrict__ lse, int b, int m0, int H, int Sq,
+                                           float scale) {
+  const int g = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const float l = quad_sum(l_run[hf]);
+    const float inv = l != 0.f ? 1.f / l : 0.f;
+    const int r = w16 + g + 8 * hf;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const uint32_t val = Mma<T>::pack(acc_o[4 * n + 2 * hf] * inv, acc_o[4 * n + 2 * hf + 1] * inv);
+      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(tile + sw128<BM>(r, n) + tq * 4), "r"(val));
+    }
+    const int m = m0 + r, i = row_i[r];
+    if (lse && tq == 0 && m < H * Sq)
+      lse[((size_t)b * H + (m - i * H)) * Sq + i] = l != 0.f ? m_run[hf] * scale + logf(l) : -INFINITY;
+  }
+  __syncwarp();
+  constexpr int CH = D / 8;
+#pragma unroll
+  for (int it = 0; it < 16 * CH / 32; ++it) {
+    const int r = w16 + lane / CH + it * (32 / CH), c = lane % CH;
+    const long long base = row_o[r];
+    if (base >= 0) {
+      uint4 val;
+      asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
+                   : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w) : "r"(tile + sw128<BM>(r, c)));
+      *reinterpret_cast<uint4*>(o + base + c * 8) = val;
+    }
+  }
+}
+
 // TMA: K and V tiles come by TMA (thread 0 issues both copies of a tile; they complete on the
 // tile's mbarriers) instead of every thread's cp.async; Q stays on cp.async (its rows are packed
 // (i, h), a gather through q's strides).
@@ -214,37 +253,8 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
   cp_async_wait_all();
   __syncthreads();  // every warpgroup's products are done before Q's tile is reused for staging
 
-  // Epilogue: l over the quad, normalise, stage the warp's 16 rows in its own rows of the Q tile,
-  // then 16-byte coalesced stores of whole rows.
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const float l = quad_sum(l_run[hf]);
-    const float inv = l != 0.f ? 1.f / l : 0.f;  // a row that saw no key: zeros, lse = -inf
-    const int r = warp * 16 + g + 8 * hf;
-#pragma unroll
-    for (int n = 0; n < C::NO; ++n) {
-      const uint32_t val = Mma<T>::pack(acc_o[4 * n + 2 * hf] * inv, acc_o[4 * n + 2 * hf + 1] * inv);
-      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sQ + sw128<BM>(r, n) + tq * 4), "r"(val));
-    }
-    const int m = m0 + r, i = row_i[r];
-    if (lse && tq == 0 && m < H * Sq)
-      lse[((size_t)b * H + (m - i * H)) * Sq + i] = l != 0.f ? m_run[hf] * scale + logf(l) : -INFINITY;
-  }
-  __syncwarp();
-  {
-    constexpr int CH = D / 8;
-#pragma unroll
-    for (int it = 0; it < 16 * CH / 32; ++it) {
-      const int r = warp * 16 + lane / CH + it * (32 / CH), c = lane % CH;
-      const long long base = row_o[r];
-      if (base >= 0) {
-        uint4 val;
-        asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w) : "r"(sQ + sw128<BM>(r, c)));
-        *reinterpret_cast<uint4*>(o + base + c * 8) = val;
-      }
-    }
-  }
+  // Epilogue: stage the warp's 16 rows in its own rows of the Q tile, then whole-row stores.
+  store_rows<T, D>(acc_o, m_run, l_run, sQ, warp * 16, lane, row_o, row_i, o, lse, b, m0, H, Sq, scale);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -492,36 +502,8 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     }
     u0 += n_tiles;
 
-    // Epilogue as in mqa_flash_wgmma_kernel: each warp stages its own 16 rows in Q's tile.
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const float l = quad_sum(l_run[hf]);
-      const float inv = l != 0.f ? 1.f / l : 0.f;
-      const int r = cw * 16 + g + 8 * hf;
-#pragma unroll
-      for (int n = 0; n < C::NO; ++n) {
-        const uint32_t val = Mma<T>::pack(acc_o[4 * n + 2 * hf] * inv, acc_o[4 * n + 2 * hf + 1] * inv);
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sQn + sw128<BM>(r, n) + tq * 4), "r"(val));
-      }
-      const int m = m0 + r, i = row_i[r];
-      if (lse && tq == 0 && m < H * Sq)
-        lse[((size_t)b * H + (m - i * H)) * Sq + i] = l != 0.f ? m_run[hf] * scale + logf(l) : -INFINITY;
-    }
-    __syncwarp();
-    {
-      constexpr int CH = D / 8;
-#pragma unroll
-      for (int it = 0; it < 16 * CH / 32; ++it) {
-        const int r = cw * 16 + lane / CH + it * (32 / CH), ch = lane % CH;
-        const long long base = row_o[r];
-        if (base >= 0) {
-          uint4 val;
-          asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
-                       : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w) : "r"(sQn + sw128<BM>(r, ch)));
-          *reinterpret_cast<uint4*>(o + base + ch * 8) = val;
-        }
-      }
-    }
+    // Epilogue: each warp stages its own 16 rows in this item's Q tile, then whole-row stores.
+    store_rows<T, D>(acc_o, m_run, l_run, sQn, cw * 16, lane, row_o, row_i, o, lse, b, m0, H, Sq, scale);
   }
   if (PINGPONG && c == 0) named_sync(1, 256);  // consumer 1's first arrival
 }

@@ -42,64 +42,52 @@ struct FlashBlock {
 // alpha. exp2: the 2^x to use (ex2.approx in bf16, exp2f in fp32). The exponents are
 // round(s * scale_log2) - m_scaled, unfused (__fmul_rn): <= 0 and exactly 0 for the max at any
 // magnitude (a fused fmaf leaves exp2(rounding residual): inf or 0 at inputs ~1e6, see 01_naive.cu).
-// FAST (08's warp-specialised kernel, an experiment): where every row max of the warp is below
-// 2^10 in exponent units, the rounding residual of a fused fmaf is under 2^-14 of the exponent:
+// FAST (08's warp-specialised kernel): where every row max of the warp is below 2^10 in exponent
+// units, the rounding residual of a fused fmaf is under 2^-14 of the exponent:
 // p = exp2(fmaf(s, scale_log2, -m_scaled)), one instruction instead of two.
+template <int NS>
+__device__ __forceinline__ float quad_row_max(const float* s, int hf, float m) {  // row hf's max, and m
+#pragma unroll
+  for (int n = 0; n < NS; ++n) m = fmaxf(m, fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]));
+  m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+  return fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+}
+// Row hf to its new max mx (m_scaled = mx * scale_log2, 0 while the row has seen no key: p = 0):
+// alpha, m_run; p in place of s (FUSED: one fmaf an exponent); l_run.
+template <int NS, bool FUSED, typename Exp2>
+__device__ __forceinline__ void row_update(float* s, int hf, float mx, float m_scaled, float (&m_run)[2],
+                                           float (&l_run)[2], float (&alpha)[2], float scale_log2, Exp2 exp2) {
+  alpha[hf] = exp2(__fmul_rn(m_run[hf], scale_log2) - m_scaled);
+  m_run[hf] = mx;
+  float ls = 0.f;
+#pragma unroll
+  for (int n = 0; n < NS; ++n) {
+    const float x0 = s[4 * n + 2 * hf], x1 = s[4 * n + 2 * hf + 1];
+    const float p0 = exp2(FUSED ? fmaf(x0, scale_log2, -m_scaled) : __fmul_rn(x0, scale_log2) - m_scaled);
+    const float p1 = exp2(FUSED ? fmaf(x1, scale_log2, -m_scaled) : __fmul_rn(x1, scale_log2) - m_scaled);
+    s[4 * n + 2 * hf] = p0;
+    s[4 * n + 2 * hf + 1] = p1;
+    ls += p0 + p1;
+  }
+  l_run[hf] = l_run[hf] * alpha[hf] + ls;
+}
 template <int NS, bool FAST = false, typename Exp2>
 __device__ __forceinline__ void quad_softmax(float* s, float (&m_run)[2], float (&l_run)[2], float (&alpha)[2],
                                              float scale_log2, Exp2 exp2) {
+  auto scaled = [&](float mx) { return mx == -INFINITY ? 0.f : __fmul_rn(mx, scale_log2); };
   if constexpr (FAST) {
-    float mx[2];
+    const float mx[2] = {quad_row_max<NS>(s, 0, m_run[0]), quad_row_max<NS>(s, 1, m_run[1])};
+    const float ms[2] = {scaled(mx[0]), scaled(mx[1])};
+    if (__all_sync(0xffffffffu, fabsf(ms[0]) < 1024.f && fabsf(ms[1]) < 1024.f)) {
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float x = m_run[hf];
-#pragma unroll
-      for (int n = 0; n < NS; ++n) x = fmaxf(x, fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]));
-      x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-      mx[hf] = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-    }
-    const float ms0 = mx[0] == -INFINITY ? 0.f : __fmul_rn(mx[0], scale_log2);
-    const float ms1 = mx[1] == -INFINITY ? 0.f : __fmul_rn(mx[1], scale_log2);
-    if (__all_sync(0xffffffffu, fabsf(ms0) < 1024.f && fabsf(ms1) < 1024.f)) {
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const float m_scaled = hf ? ms1 : ms0;
-        alpha[hf] = exp2(__fmul_rn(m_run[hf], scale_log2) - m_scaled);
-        m_run[hf] = mx[hf];
-        float ls = 0.f;
-#pragma unroll
-        for (int n = 0; n < NS; ++n) {
-          const float p0 = exp2(fmaf(s[4 * n + 2 * hf], scale_log2, -m_scaled));
-          const float p1 = exp2(fmaf(s[4 * n + 2 * hf + 1], scale_log2, -m_scaled));
-          s[4 * n + 2 * hf] = p0;
-          s[4 * n + 2 * hf + 1] = p1;
-          ls += p0 + p1;
-        }
-        l_run[hf] = l_run[hf] * alpha[hf] + ls;
-      }
+      for (int hf = 0; hf < 2; ++hf) row_update<NS, true>(s, hf, mx[hf], ms[hf], m_run, l_run, alpha, scale_log2, exp2);
       return;
     }
   }
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
-    float mx = m_run[hf];
-#pragma unroll
-    for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_scaled = mx == -INFINITY ? 0.f : __fmul_rn(mx, scale_log2);  // no key yet: p = 0
-    alpha[hf] = exp2(__fmul_rn(m_run[hf], scale_log2) - m_scaled);
-    m_run[hf] = mx;
-    float ls = 0.f;
-#pragma unroll
-    for (int n = 0; n < NS; ++n) {
-      const float p0 = exp2(__fmul_rn(s[4 * n + 2 * hf], scale_log2) - m_scaled);
-      const float p1 = exp2(__fmul_rn(s[4 * n + 2 * hf + 1], scale_log2) - m_scaled);
-      s[4 * n + 2 * hf] = p0;
-      s[4 * n + 2 * hf + 1] = p1;
-      ls += p0 + p1;
-    }
-    l_run[hf] = l_run[hf] * alpha[hf] + ls;
+    const float mx = quad_row_max<NS>(s, hf, m_run[hf]);
+    row_update<NS, false>(s, hf, mx, scaled(mx), m_run, l_run, alpha, scale_log2, exp2);
   }
 }
 

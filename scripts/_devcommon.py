@@ -1,4 +1,5 @@
-"""What the GPU dev scripts share: a time stamp for their logs, CUDA-event timing and the lse check.
+"""What the GPU dev scripts share: a time stamp for their logs, CUDA-event timing, the lse check and
+the prefill suite's inputs.
 
 A sibling module: `python scripts/dev_X.py` puts scripts/ first on sys.path.
 """
@@ -35,3 +36,14 @@ def lse_check(lse, lse_ref, tol):
     dead = torch.isinf(lse_ref)
     err = float((lse.double() - lse_ref)[~dead].abs().max()) if (~dead).any() else 0.0
     return bool(torch.equal(torch.isinf(lse) & (lse < 0), dead)) and err < tol, err
+
+
+def prefill_qkv(S, D, seed=None, tokens=16384, H=32, dtype=torch.bfloat16):
+    """(B, q, k, v) of the prefill suite's point: B = tokens // S sequences of S keys, MQA K/V,
+    random normal from a CUDA generator seeded with `seed` (default S)."""
+    B = tokens // S
+    gen = torch.Generator(device="cuda").manual_seed(S if seed is None else seed)
+    q = torch.randn(B, H, S, D, device="cuda", dtype=dtype, generator=gen)
+    k = torch.randn(B, 1, S, D, device="cuda", dtype=dtype, generator=gen)
+    v = torch.randn(B, 1, S, D, device="cuda", dtype=dtype, generator=gen)
+    return B, q, k, v

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fastmqa import bench, build, gridcheck  # noqa: E402
 from fastmqa import kernels as registry  # noqa: E402
 
-from _devcommon import stamp  # noqa: E402
+from _devcommon import prefill_qkv, stamp  # noqa: E402
 
 
 def main():
@@ -75,11 +75,8 @@ def main():
     if args.quick:
         pts = [(128, False, 2048), (128, True, 8192), (64, False, 2048)]
     for D, causal, S in pts:
-        B, H = 16384 // S, 32
-        gen = torch.Generator(device="cuda").manual_seed(S)
-        q = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(B, 1, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        v = torch.randn(B, 1, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        H = 32
+        B, q, k, v = prefill_qkv(S, D, H=H)
         fl = bench.attention_flops(B, H, S, S, D, causal)
         r = dict(D=D, causal=causal, S=S, B=B)
         for kern in (new, old):

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fastmqa import bench, build  # noqa: E402
 from fastmqa import kernels as registry  # noqa: E402
 
-from _devcommon import stamp  # noqa: E402
+from _devcommon import prefill_qkv, stamp  # noqa: E402
 
 
 def main():
@@ -41,11 +41,8 @@ def main():
     cudnn = bench.torch_paths(small=False)["torch.sdpa_cudnn"]
     rows = []
     for D, causal, S in pts:
-        B, H = 16384 // S, 32
-        gen = torch.Generator(device="cuda").manual_seed(S)
-        q = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(B, 1, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        v = torch.randn(B, 1, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        H = 32
+        B, q, k, v = prefill_qkv(S, D, H=H)
         fns = {f"cfg{c}": k08.prepare(q, k, v, causal=causal, num_splits=c)[0] for c in cfgs}
         fns["cudnn"] = lambda: cudnn(q, k, v, causal)
         times = {n: [] for n in fns}
