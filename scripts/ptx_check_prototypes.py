@@ -75,9 +75,13 @@ def record(out_path):
                     from fastmqa.reference import attention_ref
                     out, lse = attention_ref(q, kv, kv, causal=causal, return_lse=True)
                     bwd(torch.randn_like(q), q, kv, kv.clone(), out, lse, torch.randn_like(lse), causal=causal)
-    # Prototypes without a registry kernel yet: the paged decode (fastmqa.paged).
+    # Prototypes without a registry kernel of their own: the paged decode (fastmqa.paged) and the
+    # pipelined loop of 08's warp-specialised kernel.
     from fastmqa import paged
-    from fastmqa.prototypes import decode
+    from fastmqa.prototypes import decode, flash
+    qp, kvp = torch.randn(1, 2, 5, 64, generator=g), torch.randn(1, 1, 40, 64, generator=g)
+    for causal in (False, True):
+        flash.mqa_flash_pipelined(qp, kvp, kvp.clone(), causal=causal)
     q, kv = torch.randn(2, 4, 1, 64, generator=g), torch.randn(2, 1, 40, 64, generator=g)
     lens = torch.tensor([40, 7], dtype=torch.int32)
     kp, vp, table = paged.from_dense(kv, kv.clone(), lens, 16)

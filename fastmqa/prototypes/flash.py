@@ -15,6 +15,13 @@ Two numba.cuda kernels, both simulator-friendly at tiny sizes:
   tile. numba has no tensor-core intrinsics (no mma.sync, no ldmatrix), so this fp32 version
   is the prototype of the tensor-core kernel.
 
+* `mqa_flash_pipelined` (the consumer loop of kernels/08_flash_wgmma.cu's warp-specialised
+  kernel): the tiled algorithm with its loop rotated as FlashAttention-3 rotates it. Iteration t
+  computes S_t = Q K_t^T *and* O += P_{t-1} V_{t-1} (the tensor cores run both; the softmax of
+  tile t runs under the second), then rescales O by tile t's alpha; a prologue does tile 0's
+  scores and softmax, an epilogue the last P V. K, V and P live in two buffers each, as the
+  stage ring and P's registers do.
+
 `online_softmax_stats` and `online_attention_row` are the rescaling rule in numpy, for checking
 it against the two-pass softmax; `mma_owner`, `ldmatrix_owner`, `ldmatrix_wavefronts` and
 `causal_tile_efficiency` are the layout arithmetic of chapter 07 in numpy.
@@ -266,6 +273,89 @@ def mqa_flash_tiled_kernel(q, k, v, o, lse, scale, causal):
             lse[b, h, i] = m + math.log(l) if l != 0.0 else -math.inf
 
 
+@cuda.jit
+def mqa_flash_pipelined_kernel(q, k, v, o, lse, scale, causal):
+    # mqa_flash_tiled_kernel's threads and tiles; K, V and P double-buffered (buffer t % 2).
+    Qs = cuda.shared.array((BM, DMAX), float32)
+    Ks = cuda.shared.array((2, BN, DMAX), float32)
+    Vs = cuda.shared.array((2, BN, DMAX), float32)
+    Ps = cuda.shared.array((2, BM, BN), float32)
+    red = cuda.shared.array((BM, BN), float32)   # the scores of the tile being softmaxed
+    acc = cuda.local.array(COLS, float32)
+    B, H, Sq, D = q.shape
+    Skv = k.shape[1]
+    c, r = cuda.threadIdx.x, cuda.threadIdx.y
+    b = cuda.blockIdx.y
+    m0 = cuda.blockIdx.x * BM
+    row = m0 + r
+    valid = row < H * Sq
+    i = min(row, H * Sq - 1) // H
+    h = min(row, H * Sq - 1) % H
+    off = Skv - Sq
+    i_last = min(Sq - 1, (m0 + BM - 1) // H)
+    n_end = min(Skv, max(0, i_last + off + 1)) if causal else Skv
+    n_tiles = (n_end + BN - 1) // BN
+    for d in range(c, D, BN):
+        Qs[r, d] = q[b, h, i, d] if valid else 0.0
+    for u in range(COLS):
+        acc[u] = 0.0
+    m = -math.inf
+    l = 0.0
+    for t in range(n_tiles + 1):     # t = n_tiles: the epilogue, P V of the last tile only
+        cur, prev = t % 2, (t + 1) % 2
+        n0 = t * BN
+        if t < n_tiles:               # the producer: tile t into buffer t % 2
+            for d in range(c, D, BN):
+                for rr in range(r, BN, BM):
+                    inside = n0 + rr < Skv
+                    Ks[cur, rr, d] = k[b, n0 + rr, d] if inside else 0.0
+                    Vs[cur, rr, d] = v[b, n0 + rr, d] if inside else 0.0
+        cuda.syncthreads()
+        s = -math.inf
+        if t < n_tiles:               # S_t = Q K_t^T ...
+            j = n0 + c
+            if j < Skv and (not causal or j <= i + off):
+                dot = 0.0
+                for d in range(D):
+                    dot += Qs[r, d] * Ks[cur, c, d]
+                s = dot * scale
+        if t > 0:                     # ... and O += P_{t-1} V_{t-1}, at tile t-1's max
+            for u in range(COLS):
+                d = c + u * BN
+                if d < D:
+                    a = acc[u]
+                    for cc in range(BN):
+                        a += Ps[prev, r, cc] * Vs[prev, cc, d]
+                    acc[u] = a
+        if t < n_tiles:               # the softmax of tile t (on the GPU: under the P V above)
+            red[r, c] = s
+            cuda.syncthreads()
+            m_tile = -math.inf
+            for cc in range(BN):
+                m_tile = max(m_tile, red[r, cc])
+            m_new = max(m, m_tile)
+            m_use = m_new if m_new > -math.inf else 0.0
+            alpha = math.exp(m - m_use)
+            Ps[cur, r, c] = math.exp(s - m_use)
+            cuda.syncthreads()
+            row_sum = 0.0
+            for cc in range(BN):
+                row_sum += Ps[cur, r, cc]
+            l = l * alpha + row_sum
+            m = m_new
+            for u in range(COLS):     # O to tile t's max, once its P V (tile t-1) is in
+                acc[u] *= alpha
+        cuda.syncthreads()            # buffers of tile t-1 are free for tile t+1
+    if valid:
+        inv = 1.0 / l if l != 0.0 else 0.0
+        for u in range(COLS):
+            d = c + u * BN
+            if d < D:
+                o[b, h, i, d] = acc[u] * inv
+        if c == 0:
+            lse[b, h, i] = m + math.log(l) if l != 0.0 else -math.inf
+
+
 def mqa_flash(q, k, v, causal=False, scale=None, return_lse=False):
     """Fused online-softmax MQA, one thread per packed (i, h) row; float32 torch tensors in and out."""
     return run_packed_rows(mqa_flash_kernel, BM, BM, q, k, v, causal, scale, return_lse, dmax=DMAX)
@@ -274,3 +364,8 @@ def mqa_flash(q, k, v, causal=False, scale=None, return_lse=False):
 def mqa_flash_tiled(q, k, v, causal=False, scale=None, return_lse=False):
     """The same algorithm as tile products (the tensor-core kernel's structure), in float32."""
     return run_packed_rows(mqa_flash_tiled_kernel, BM, (BN, BM), q, k, v, causal, scale, return_lse, dmax=DMAX)
+
+
+def mqa_flash_pipelined(q, k, v, causal=False, scale=None, return_lse=False):
+    """The tiled algorithm with FlashAttention-3's loop rotation (08's warp-specialised consumers)."""
+    return run_packed_rows(mqa_flash_pipelined_kernel, BM, (BN, BM), q, k, v, causal, scale, return_lse, dmax=DMAX)
