@@ -273,6 +273,18 @@ def mqa_flash_tiled_kernel(q, k, v, o, lse, scale, causal):
             lse[b, h, i] = m + math.log(l) if l != 0.0 else -math.inf
 
 
+@cuda.jit(device=True)
+def block_row(H, Sq, Skv, m0, r, bm, causal):
+    """Row r of the block of bm packed rows from m0 (rows (i, h), i-major): (valid, i, h, n_end),
+    n_end the keys the block visits (under a causal mask: up to its last row's diagonal)."""
+    row = m0 + r
+    i = min(row, H * Sq - 1) // H
+    h = min(row, H * Sq - 1) % H
+    i_last = min(Sq - 1, (m0 + bm - 1) // H)
+    n_end = min(Skv, max(0, i_last + Skv - Sq + 1)) if causal else Skv
+    return row < H * Sq, i, h, n_end
+
+
 @cuda.jit
 def mqa_flash_pipelined_kernel(q, k, v, o, lse, scale, causal):
     # mqa_flash_tiled_kernel's threads and tiles; K, V and P double-buffered (buffer t % 2).
@@ -286,14 +298,8 @@ def mqa_flash_pipelined_kernel(q, k, v, o, lse, scale, causal):
     Skv = k.shape[1]
     c, r = cuda.threadIdx.x, cuda.threadIdx.y
     b = cuda.blockIdx.y
-    m0 = cuda.blockIdx.x * BM
-    row = m0 + r
-    valid = row < H * Sq
-    i = min(row, H * Sq - 1) // H
-    h = min(row, H * Sq - 1) % H
+    valid, i, h, n_end = block_row(H, Sq, Skv, cuda.blockIdx.x * BM, r, BM, causal)
     off = Skv - Sq
-    i_last = min(Sq - 1, (m0 + BM - 1) // H)
-    n_end = min(Skv, max(0, i_last + off + 1)) if causal else Skv
     n_tiles = (n_end + BN - 1) // BN
     for d in range(c, D, BN):
         Qs[r, d] = q[b, h, i, d] if valid else 0.0

@@ -44,6 +44,7 @@ from numba import float32
 
 from .. import sim
 from ._common import run_packed_rows
+from .flash import block_row
 
 # numba's simulator swaps the module-global `cuda` while it runs a kernel, so the
 # switch (fastmqa.sim) is thrown before this import and `cuda` must be a global here.
@@ -228,14 +229,8 @@ def mqa_flash_3xtf32_kernel(q, k, v, o, lse, scale, causal):
     Skv = k.shape[1]
     c, r = cuda.threadIdx.x, cuda.threadIdx.y
     b = cuda.blockIdx.y
-    m0 = cuda.blockIdx.x * BM
-    row = m0 + r
-    valid = row < H * Sq
-    i = min(row, H * Sq - 1) // H
-    h = min(row, H * Sq - 1) % H
+    valid, i, h, n_end = block_row(H, Sq, Skv, cuda.blockIdx.x * BM, r, BM, causal)
     off = Skv - Sq
-    i_last = min(Sq - 1, (m0 + BM - 1) // H)
-    n_end = min(Skv, max(0, i_last + off + 1)) if causal else Skv
     for d in range(c, D, BN):                  # the Q tile, loaded and split once
         x = q[b, h, i, d] if valid else _ZERO
         big, small = _split2(x)
