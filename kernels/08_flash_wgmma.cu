@@ -393,9 +393,8 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     }
   };
 
-  // Item w's 64 rows of this warpgroup into the Q tile at dst, by cp.async (one commit group).
-  auto load_q = [&](int w, uint32_t dst) {
-    const FlashBlock<BM, BN> blk(B, H, Sq, Skv, causal, w);
+  // An item's 64 rows of this warpgroup into the Q tile at dst, by cp.async (one commit group).
+  auto load_q = [&](const FlashBlock<BM, BN>& blk, uint32_t dst) {
     constexpr int CH = D / 8;
 #pragma unroll
     for (int it = 0; it < 64 * CH / 128; ++it) {
@@ -409,7 +408,7 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 
   if (PINGPONG && c == 1) named_arrive(1, 256);
   int u0 = 0;  // tiles consumed before this item (the producer's count)
-  if (PERSIST && w0 < n_items) load_q(w0, sQ);
+  if (PERSIST && w0 < n_items) load_q(FlashBlock<BM, BN>(B, H, Sq, Skv, causal, w0), sQ);
   for (int w = w0, item = 0; w < n_items; w += dw, ++item) {
     const FlashBlock<BM, BN> blk(B, H, Sq, Skv, causal, w);
     const int b = blk.b, m0 = blk.m0, off = blk.off, n_tiles = blk.n_tiles;
@@ -423,10 +422,10 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
       row_i[r] = i;
     }
     if (!PERSIST) {
-      load_q(w, sQn);
+      load_q(blk, sQn);
       cp_async_wait_all();
     } else if (w + dw < n_items) {  // the next item's Q into the other tile, under this item
-      load_q(w + dw, sQ + ((item + 1) & 1) * C::Q_BYTES);
+      load_q(FlashBlock<BM, BN>(B, H, Sq, Skv, causal, w + dw), sQ + ((item + 1) & 1) * C::Q_BYTES);
       cp_async_wait_1();
     } else {
       cp_async_wait_all();
@@ -584,7 +583,7 @@ int by_dim(const MQAParams& p) {
   }
   const long long avg_keys = p.causal ? (long long)p.Skv - p.Sq / 2 : p.Skv;  // keys a row sees on average
   if (p.num_splits == 0 && p.D == 128 && avg_keys >= 1024) {
-    const int r = launch_ws<T, 128, 128, true, true, true, true>(p);
+    const int r = ws_cfg<T, 128>(p, 12);
     if (r != FASTMQA_UNSUPPORTED) return r;  // else (no tensor map) the two-CTA kernel below
   }
   return p.num_splits == 4 ? by_dim<T, false>(p, 0) : by_dim<T, true>(p, p.num_splits);
