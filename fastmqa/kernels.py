@@ -277,7 +277,7 @@ def _rows_aligned(t) -> bool:
 
 
 def _bwd_head_groups(B, H, Skv, causal, num_sms):
-    """(G, HG): the head groups of the dK/dV kernel of kernels/07_flash_bwd.cu (its head_groups())."""
+    """(G, HG): the head groups of the backward's dK/dV kernel (kernels/flash_bwd.cuh: head_groups())."""
     ctas = B * -(-Skv // 64)
     G = max(1, min(H, (8 if causal else 2) * num_sms // max(1, ctas)))
     HG = -(-H // G)
@@ -334,7 +334,8 @@ REGISTRY: list[Kernel] = [
            prototype="fastmqa.prototypes.flash:mqa_flash_tiled", suites=("prefill",)),
     Kernel("08_flash_wgmma", "Hopper: wgmma from shared-memory descriptors; long rows warp-specialised (sm_90a)",
            "prefill", "08_flash_wgmma.cu", "07_tensor_cores", dtypes=(FP16, BF16), returns_lse=True,
-           strided_q=True, arch=(9, 0), paths=(12,),
+           strided_q=True, arch=(9, 0), paths=(12,), backward="12_flash_bwd_wgmma.cu",
+           backward_prototype="fastmqa.prototypes.flash_bwd:mqa_flash_bwd",
            prototype="fastmqa.prototypes.flash:mqa_flash_tiled", suites=("prefill",)),
     Kernel("09_flash_3xtf32", "fp32 on tensor cores: 3xTF32 split products in the fused kernel",
            "prefill", "09_flash_3xtf32.cu", "07_tensor_cores", returns_lse=True, strided_q=True,

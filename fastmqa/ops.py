@@ -19,8 +19,9 @@ reference (`fastmqa.reference.attention_ref`, in fp32 for fp16/bf16 inputs). The
 is FlashAttention-2's, written in torch: it recomputes P = exp(S * scale - lse) from the
 saved log-sum-exp block of query rows by block, so it never holds more than one block of
 the (Sq, Skv) score matrix per head, and sums dK and dV over the H heads that share them.
-On CUDA, for fp16/bf16, the same algorithm runs as a kernel (`kernels/07_flash_bwd.cu`, the
-backward of the registry's tensor-core kernel); `BACKWARD = "torch"` forces the torch version.
+On CUDA, for fp16/bf16, the same algorithm runs as a kernel (`kernels/12_flash_bwd_wgmma.cu` on
+Hopper, `kernels/07_flash_bwd.cu` elsewhere: the backward of the registry's latest tensor-core
+kernel that runs here); `BACKWARD = "torch"` forces the torch version.
 
 Fully masked rows (causal with Sq > Skv: query i sees no key) give zeros, lse = -inf and
 zero gradients, never NaN. The backward itself is not differentiable (no double backward).
@@ -42,7 +43,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BWD_BLOCK_BYTES = 512 * 2**20   # the most fp32 score bytes the backward holds at once
 
 _failed: set = set()             # kernels whose build failed here: not tried again
-# "auto": the backward kernel of the registry (kernels/07_flash_bwd.cu) where it applies, else the
+# "auto": the backward kernel of the registry (12_flash_bwd_wgmma, 07_flash_bwd) where it applies, else the
 # torch implementation below; "torch": always the torch implementation (benchmarks compare them).
 BACKWARD = "auto"
 
@@ -73,11 +74,12 @@ def select_backward(dtype, D, causal, device_type="cuda"):
     if BACKWARD != "auto":
         raise ValueError(f"fastmqa.ops.BACKWARD must be 'auto' or 'torch', got {BACKWARD!r}")
     from . import kernels
+    best = None  # as select_kernel: the latest in course order (12_flash_bwd_wgmma on Hopper, else 07)
     for kern in kernels.REGISTRY:
         if (kern.backward and f"{kern.name}:bwd" not in _failed and kern.returns_lse
                 and kern.supports(dtype, D, causal) is None):
-            return kern
-    return None
+            best = kern
+    return best
 
 
 def _lse_dtype(dtype):

@@ -1,20 +1,25 @@
-"""Dev run of the backward kernel on the GPU host: build, gradient grid, quick backward timings,
-and a profile of the layer forward (FastMQALayer vs the SDPA-GQA layer). Writes to $OUT."""
+"""Dev run of a backward kernel on the GPU host: build, gradient grid, quick backward timings,
+and a profile of the layer forward (FastMQALayer vs the SDPA-GQA layer). Writes to $OUT.
+
+    python scripts/dev_bwd.py [--kernel 08_flash_wgmma] [--quick] [--bench [--quick-bench]] [--profile]
+--kernel names the forward whose backward kernel is checked (default 06_flash_mma: 07_flash_bwd);
+the benchmark times every backward kernel of the registry side by side."""
 import json, os, sys, time
 import torch
 from fastmqa import kernels, gridcheck, bench, ops
 from fastmqa.build import build_all
 
 OUT = os.environ.get("OUT", "/tmp")
-kern = kernels.get("06_flash_mma")
+name = sys.argv[sys.argv.index("--kernel") + 1] if "--kernel" in sys.argv else "06_flash_mma"
+kern = kernels.get(name)
 t0 = time.time()
-print("build:", build_all([kern]), f"{time.time() - t0:.0f}s", flush=True)
+print("build:", build_all([k for k in kernels.REGISTRY if k.backward]), f"{time.time() - t0:.0f}s", flush=True)
 cases = gridcheck.run_backward_grid(kern, quick="--quick" in sys.argv)
 print("backward grid:", gridcheck.summarize(cases), flush=True)
 for c in cases:
     if not c.ok:
         print("  FAIL", c)
-json.dump([c.__dict__ for c in cases], open(f"{OUT}/bwd_grid.json", "w"), indent=1)
+json.dump([c.__dict__ for c in cases], open(f"{OUT}/bwd_grid_{name}.json", "w"), indent=1, default=str)
 # autograd through the op, fp16 and bf16, plus extreme inputs
 for dtype in (torch.bfloat16, torch.float16):
     q = torch.randn(2, 8, 100, 64, device="cuda", dtype=dtype)
