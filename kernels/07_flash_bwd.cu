@@ -95,11 +95,15 @@ struct MmaSync {
     Lanes L;
     __device__ __forceinline__ explicit Ctx(int lane) { L.init<D>(lane); }
   };
+  struct Frag {};  // mma.sync packs its A operands as it goes
   static __device__ __forceinline__ void landed() {}
+  template <int N>
+  static __device__ __forceinline__ void wait() {}
   static __device__ __forceinline__ void xyt(float (&acc)[8][4], uint32_t x, int xrow, uint32_t y, const Ctx& c) {
     gemm_xyt<T, D>(acc, x, xrow, y, c.L);
   }
-  static __device__ __forceinline__ void acc_y(float (&acc)[D / 8][4], const float (&p)[8][4], uint32_t y, const Ctx& c) {
+  static __device__ __forceinline__ void acc_y(float (&acc)[D / 8][4], const float (&p)[8][4], uint32_t y, const Ctx& c,
+                                               Frag&) {
     gemm_acc_y<T, D>(acc, p, y, c.L);
   }
 };

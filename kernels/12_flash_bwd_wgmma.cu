@@ -20,6 +20,12 @@
 #include "wgmma.cuh"      // descriptors, fences, Wgmma<T, N>
 #include "flash_bwd.cuh"  // the kernels, their launch and the algorithm
 
+// Dev knob: FASTMQA_BWD_SYNC=1 waits for every product as soon as it is issued (the first version;
+// scripts/dev_bwd_time.py times it against the default).
+#ifndef FASTMQA_BWD_SYNC
+#define FASTMQA_BWD_SYNC 0
+#endif
+
 namespace {
 
 // The products of flash_bwd.cuh's kernels on wgmma (see its header for the interface).
@@ -31,7 +37,10 @@ struct WgmmaProducts {
   struct Ctx {
     __device__ __forceinline__ explicit Ctx(int) {}
   };
+  using Frag = uint32_t[4][4];  // acc_y's A operand: p packed to 16 bits, k-step by k-step
   static __device__ __forceinline__ void landed() { fence_async_shared(); }
+  template <int N>
+  static __device__ __forceinline__ void wait() { wgmma_wait<N>(); }
   // The warpgroup's 64 rows of tile x times tile y^T; warp w's rows 16w.. are the xrow of 07's call.
   static __device__ __forceinline__ void xyt(float (&acc)[8][4], uint32_t x, int, uint32_t y, const Ctx&) {
     float(&d)[32] = reinterpret_cast<float(&)[32]>(acc);
@@ -44,13 +53,13 @@ struct WgmmaProducts {
       Wgmma<T, 64>::ss(d, gmma_desc(x + at, 16, 1024), gmma_desc(y + at, 16, 1024), ks > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
+    if (FASTMQA_BWD_SYNC) wgmma_wait<0>();
   }
   // acc (64 x D over the warpgroup) += p (64 x 64) * tile y (64 rows x D): k-step kk is rows
   // 16kk .. 16kk+15 of y, 16 rows of 128 bytes in every 64-column atom.
-  static __device__ __forceinline__ void acc_y(float (&acc)[D / 8][4], const float (&p)[8][4], uint32_t y, const Ctx&) {
+  static __device__ __forceinline__ void acc_y(float (&acc)[D / 8][4], const float (&p)[8][4], uint32_t y, const Ctx&,
+                                               Frag& a) {
     float(&d)[D / 2] = reinterpret_cast<float(&)[D / 2]>(acc);
-    uint32_t a[4][4];
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       a[kk][0] = Mma<T>::pack(p[2 * kk][0], p[2 * kk][1]);
@@ -62,7 +71,7 @@ struct WgmmaProducts {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) Wgmma<T, D>::rs(d, a[kk], gmma_desc(y + kk * 16 * 128, 64 * 128, 1024), 1);
     wgmma_commit();
-    wgmma_wait<0>();
+    if (FASTMQA_BWD_SYNC) wgmma_wait<0>();
   }
 };
 

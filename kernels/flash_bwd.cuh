@@ -35,7 +35,9 @@
 //   Ctx(lane)        per-thread state of the products (07: ldmatrix lane offsets);
 //   landed()         after cp.async has landed a tile, before the block's barrier;
 //   xyt(acc, x, xrow, y, ctx)    acc (this warp's 16 rows x 64) = rows of tile x * (tile y)^T;
-//   acc_y(acc, p, y, ctx)        acc (16 x D) += p (16 x 64, 16-bit-rounded) * tile y.
+//   acc_y(acc, p, y, ctx, frag)  acc (16 x D) += p (16 x 64, 16-bit-rounded, packed into frag) * tile y;
+//   wait<N>()        until at most N of the products issued are still running (07's run at once:
+//                    a no-op; wgmma's are asynchronous: their registers are not touched before).
 // Both follow mma.sync's m16n8 accumulator layout: acc[n][e] is row 16 warp + lane/4 + 8 (e/2),
 // column 8n + 2 (lane%4) + e%2, so everything between the products is shared.
 #pragma once
@@ -190,23 +192,28 @@ __global__ void __launch_bounds__(NT, 2) bwd_dkdv_kernel(const BwdArgs a) {
     const float* dls = s_dl + buf * BM;
 
     // S^T = K Q^T: (16 keys, 64 rows); element (n, e) is key jk[e >> 1], row i0 + 8n + 2tq + (e & 1).
-    float s[8][4];
+    // Then dP^T = V dO^T. Asynchronous products (wgmma) run on while the code after them waits
+    // only for what it reads: P^T's exponentials while dP^T is computed, dS^T while dV is.
+    float s[8][4], dp[8][4];
     Gm::xyt(s, sK, kw, sQ, L);
+    Gm::xyt(dp, sV, kw, sO, L);
+    Gm::template wait<1>();  // S^T is in
     const bool need_mask = j0 + BN > a.Skv || (a.causal && j0 + BN - 1 > i0 + off);
     const int col = 2 * tq;  // row index within the block of element (n, e): 8n + col + (e & 1)
     softmax_p(s, scale_log2, [&](int n, int e) { return l2s[8 * n + col + (e & 1)]; }, need_mask, [&](int n, int e) {
       const int j = jk[e >> 1], i = i0 + 8 * n + 2 * tq + (e & 1);
       return j >= a.Skv || (a.causal && j > i + off);
     });
-    // dP^T = V dO^T, then dS^T = P^T (dP^T - delta) in place.
-    float dp[8][4];
-    Gm::xyt(dp, sV, kw, sO, L);
+    typename Gm::Frag fp, fds;  // the A operands, alive until their products are done
+    Gm::acc_y(dv, s, sO, L, fp);  // dV += P^T dO
+    Gm::template wait<1>();       // dP^T is in
+    // dS^T = P^T (dP^T - delta) in place.
 #pragma unroll
     for (int n = 0; n < 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dp[n][e] = s[n][e] * (dp[n][e] - dls[8 * n + col + (e & 1)]);
-    Gm::acc_y(dv, s, sO, L);   // dV += P^T dO
-    Gm::acc_y(dk, dp, sQ, L);  // dK += dS^T Q
+    Gm::acc_y(dk, dp, sQ, L, fds);  // dK += dS^T Q
+    Gm::template wait<0>();         // every product of this block is done before its buffers are refilled
   }
   cp_async_wait_all();
 
@@ -308,20 +315,23 @@ __global__ void __launch_bounds__(NT, 2) bwd_dq_kernel(const BwdArgs a) {
     cp_async_commit();
     const uint32_t sK = sK0 + buf * TILE, sV = sV0 + buf * TILE;
     // S = Q K^T: (16 rows, 64 keys); element (n, e) is row ir[e >> 1], key n0 + 8n + 2tq + (e & 1).
-    float s[8][4];
+    float s[8][4], dp[8][4];
     Gm::xyt(s, sQ, rw, sK, L);
+    Gm::xyt(dp, sO, rw, sV, L);  // dP = dO V^T, on while P's exponentials are computed (wgmma)
+    Gm::template wait<1>();      // S is in
     const bool need_mask = n0 + BN > a.Skv || (a.causal && n0 + BN - 1 > i0 + off);
     softmax_p(s, scale_log2, [&](int, int e) { return l2r[e >> 1]; }, need_mask, [&](int n, int e) {
       const int j = n0 + 8 * n + 2 * tq + (e & 1), i = ir[e >> 1];
       return j >= a.Skv || (a.causal && j > i + off);
     });
-    float dp[8][4];
-    Gm::xyt(dp, sO, rw, sV, L);  // dP = dO V^T
+    Gm::template wait<0>();      // dP is in
 #pragma unroll
     for (int n = 0; n < 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dp[n][e] = s[n][e] * (dp[n][e] - dlr[e >> 1]);
-    Gm::acc_y(dq, dp, sK, L);  // dQ += dS K
+    typename Gm::Frag fds;
+    Gm::acc_y(dq, dp, sK, L, fds);  // dQ += dS K
+    Gm::template wait<0>();
   }
   cp_async_wait_all();
 
