@@ -25,21 +25,13 @@
 #ifndef FASTMQA_BWD_SYNC
 #define FASTMQA_BWD_SYNC 0
 #endif
-// FASTMQA_BWD_DQ_WG: warpgroups (of 64 query rows) per dQ CTA, sharing its K/V tiles.
-#ifndef FASTMQA_BWD_DQ_WG
-#define FASTMQA_BWD_DQ_WG 2
-#endif
-// FASTMQA_BWD_KV_WG: warpgroups (of 64 keys) per dK/dV CTA, sharing its Q/dO blocks.
-#ifndef FASTMQA_BWD_KV_WG
-#define FASTMQA_BWD_KV_WG 2
-#endif
 
 namespace {
 
 // The products of flash_bwd.cuh's kernels on wgmma (see its header for the interface).
 template <typename T, int Dim>
 struct WgmmaProducts {
-  static constexpr int D = Dim, ALIGN = 1024, DQ_WG = FASTMQA_BWD_DQ_WG, KV_WG = FASTMQA_BWD_KV_WG;
+  static constexpr int D = Dim, ALIGN = 1024;
   static __device__ __forceinline__ int pad(const unsigned char* smem) { return (1024 - (smem_u32(smem) & 1023)) & 1023; }
   static __device__ __forceinline__ uint32_t off(int r, int ch) { return sw128<64>(r, ch); }
   struct Ctx {

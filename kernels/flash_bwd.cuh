@@ -30,8 +30,6 @@
 //
 // The tile products come from a class Gm = Products<T, D> that the kernel file defines:
 //   D, ALIGN         the head dim; extra bytes of dynamic shared memory to align the tiles;
-//   DQ_WG            warpgroups of 64 query rows in one dQ CTA, sharing its K/V tiles (1 or 2);
-//   KV_WG            warpgroups of 64 keys in one dK/dV CTA, sharing its Q/dO blocks (1 or 2);
 //   pad(smem)        bytes from the dynamic shared memory's start to the first tile;
 //   off(r, ch)       byte offset of 16-byte chunk ch of row r in a 64-row tile (its swizzle);
 //   Ctx(lane)        per-thread state of the products (07: ldmatrix lane offsets);
@@ -129,21 +127,18 @@ __device__ __forceinline__ void softmax_p(float (&s)[8][4], float scale_log2, Ls
     }
 }
 
-// dK, dV: CTA (WG key tiles, head group, batch); warpgroup wg owns keys j0 + 64wg .. +63 (its own K
-// and V tiles), warp w keys j0 + 16w .. +15. WG = 2 (Gm::KV_WG): two warpgroups share each Q/dO
-// block, half the block traffic per key.
-template <typename T, int D, class Gm, int WG = Gm::KV_WG>
-__global__ void __launch_bounds__(NT * WG, WG == 1 ? 2 : 1) bwd_dkdv_kernel(const BwdArgs a) {
+// dK, dV: CTA (key tile, batch); warp w owns keys j0 + 16w .. +15.
+template <typename T, int D, class Gm>
+__global__ void __launch_bounds__(NT, 2) bwd_dkdv_kernel(const BwdArgs a) {
   constexpr int TILE = BM * D * 2;  // bytes of one 64-row tile (BM == BN)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + Gm::pad(smem_raw);  // the tiles' start (wgmma: 1024-aligned)
-  const uint32_t sK0 = smem_u32(smem), sV0 = sK0 + WG * TILE, sQ0 = sV0 + WG * TILE, sO0 = sQ0 + 2 * TILE;  // sO: dO
-  float* s_l2 = reinterpret_cast<float*>(smem + (2 * WG + 4) * TILE);  // [2][BM]
-  float* s_dl = s_l2 + 2 * BM;                                          // [2][BM]
+  const uint32_t sK = smem_u32(smem), sV = sK + TILE, sQ0 = sV + TILE, sO0 = sQ0 + 2 * TILE;  // sO: dO
+  float* s_l2 = reinterpret_cast<float*>(smem + 6 * TILE);  // [2][BM]
+  float* s_dl = s_l2 + 2 * BM;                               // [2][BM]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
-  const int wg = WG == 1 ? 0 : warp / 4, wtid = WG == 1 ? tid : tid % NT;  // warpgroup, thread in it
-  // CTA (key tiles, head group, batch), low key tiles (most rows under a causal mask) first.
-  const int b = blockIdx.x % a.B, grp = (blockIdx.x / a.B) % a.G, j0 = (blockIdx.x / (a.B * a.G)) * BN * WG;
+  // CTA (key tile, head group, batch), low key tiles (most rows under a causal mask) first.
+  const int b = blockIdx.x % a.B, grp = (blockIdx.x / a.B) % a.G, j0 = (blockIdx.x / (a.B * a.G)) * BN;
   const int h0 = grp * a.HG, nh = max(0, min(a.H, h0 + a.HG) - h0);
   const int off = a.Skv - a.Sq, nblk = a.SqP / BM;
   // Query blocks that see any key of this tile: i + off >= j0.
@@ -156,10 +151,10 @@ __global__ void __launch_bounds__(NT * WG, WG == 1 ? 2 : 1) bwd_dkdv_kernel(cons
   const float* l2b = a.lse2 + (size_t)b * a.H * a.SqP;
   const float* dlb = a.delta + (size_t)b * a.H * a.SqP;
 
-  auto load_block = [&](int it, int buf) {  // iteration it = (head, query block); WG = 2: Q by one, dO by the other
+  auto load_block = [&](int it, int buf) {  // iteration it = (head, query block)
     const int h = h0 + it / per_h, i0 = (ib0 + it % per_h) * BM;
-    if (WG == 1 || wg == 0) load_tile<Gm>(sQ0 + buf * TILE, qb + h * a.qsh, i0, a.Sq, a.qss, wtid);
-    if (WG == 1 || wg == 1) load_tile<Gm>(sO0 + buf * TILE, ob + h * a.sh, i0, a.Sq, a.ss, wtid);
+    load_tile<Gm>(sQ0 + buf * TILE, qb + h * a.qsh, i0, a.Sq, a.qss, tid);
+    load_tile<Gm>(sO0 + buf * TILE, ob + h * a.sh, i0, a.Sq, a.ss, tid);
     if (tid < 2 * BM / 4) {  // 16 chunks of lse2, then 16 of delta (SqP is a multiple of BM: aligned)
       const int c = tid % 16;
       const float* src = (tid < 16 ? l2b : dlb) + (size_t)h * a.SqP + i0 + 4 * c;
@@ -173,18 +168,16 @@ __global__ void __launch_bounds__(NT * WG, WG == 1 ? 2 : 1) bwd_dkdv_kernel(cons
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
 
-  const int jw = j0 + wg * BN;  // the warpgroup's first key
-  const uint32_t sK = sK0 + wg * TILE, sV = sV0 + wg * TILE;
   if (n_it > 0) {
-    load_tile<Gm>(sK, kb, jw, a.Skv, D, wtid);
-    load_tile<Gm>(sV, vb, jw, a.Skv, D, wtid);
+    load_tile<Gm>(sK, kb, j0, a.Skv, D, tid);
+    load_tile<Gm>(sV, vb, j0, a.Skv, D, tid);
     load_block(0, 0);
   }
   cp_async_commit();
   const typename Gm::Ctx L(lane);
   const float scale_log2 = a.scale * kLog2e;
-  const int kw = 16 * (WG == 1 ? warp : warp % 4);  // the warp's keys within its tile
-  const int jk[2] = {jw + kw + g, jw + kw + g + 8};  // the keys of this thread's accumulator rows
+  const int kw = 16 * warp;  // the warp's keys within the tile
+  const int jk[2] = {j0 + kw + g, j0 + kw + g + 8};  // the keys of this thread's accumulator rows
 
   for (int it = 0; it < n_it; ++it) {
     const int buf = it & 1;
@@ -205,7 +198,7 @@ __global__ void __launch_bounds__(NT * WG, WG == 1 ? 2 : 1) bwd_dkdv_kernel(cons
     Gm::xyt(s, sK, kw, sQ, L);
     Gm::xyt(dp, sV, kw, sO, L);
     Gm::template wait<1>();  // S^T is in
-    const bool need_mask = jw + BN > a.Skv || (a.causal && jw + BN - 1 > i0 + off);
+    const bool need_mask = j0 + BN > a.Skv || (a.causal && j0 + BN - 1 > i0 + off);
     const int col = 2 * tq;  // row index within the block of element (n, e): 8n + col + (e & 1)
     softmax_p(s, scale_log2, [&](int n, int e) { return l2s[8 * n + col + (e & 1)]; }, need_mask, [&](int n, int e) {
       const int j = jk[e >> 1], i = i0 + 8 * n + 2 * tq + (e & 1);
@@ -265,22 +258,19 @@ __global__ void __launch_bounds__(256) bwd_reduce_kernel(const BwdArgs a, int D)
   *reinterpret_cast<uint2*>(dst) = make_uint2(Mma<T>::pack(acc.x, acc.y), Mma<T>::pack(acc.z, acc.w));
 }
 
-// dQ: CTA (WG query blocks, head, batch); warpgroup wg owns rows i0 + 64wg .. +63 (its own Q and
-// dO tiles), warp w rows i0 + 16w .. +15. WG = 2 (Gm::DQ_WG): two warpgroups share each K/V tile,
-// half the tile traffic per row.
-template <typename T, int D, class Gm, int WG = Gm::DQ_WG>
-__global__ void __launch_bounds__(NT * WG, WG == 1 ? 2 : 1) bwd_dq_kernel(const BwdArgs a) {
+// dQ: CTA (query block, head, batch); warp w owns rows i0 + 16w .. +15.
+template <typename T, int D, class Gm>
+__global__ void __launch_bounds__(NT, 2) bwd_dq_kernel(const BwdArgs a) {
   constexpr int TILE = BM * D * 2;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const uint32_t sQ = smem_u32(smem_raw + Gm::pad(smem_raw)), sO = sQ + WG * TILE, sK0 = sO + WG * TILE,
-                 sV0 = sK0 + 2 * TILE;
+  const uint32_t sQ = smem_u32(smem_raw + Gm::pad(smem_raw)), sO = sQ + TILE, sK0 = sO + TILE, sV0 = sK0 + 2 * TILE;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
-  const int wg = WG == 1 ? 0 : warp / 4, wtid = WG == 1 ? tid : tid % NT;  // warpgroup, thread in it
-  const int nblk = (a.SqP / BM + WG - 1) / WG;  // CTAs per (batch, head)
+  const int nblk = a.SqP / BM, per_b = a.H * nblk;
   const int b = blockIdx.x % a.B, rest = blockIdx.x / a.B;
   const int h = rest % a.H, ib = nblk - 1 - rest / a.H;  // the blocks with the most keys first
-  const int i0 = ib * BM * WG, off = a.Skv - a.Sq;
-  const int i_last = min(a.Sq - 1, i0 + BM * WG - 1);
+  const int i0 = ib * BM, off = a.Skv - a.Sq;
+  (void)per_b;
+  const int i_last = min(a.Sq - 1, i0 + BM - 1);
   const int kv_end = a.causal ? min(a.Skv, max(0, i_last + off + 1)) : a.Skv;
   const int n_tiles = (kv_end + BN - 1) / BN;
   const size_t bh = (size_t)b * a.H + h;
@@ -290,26 +280,22 @@ __global__ void __launch_bounds__(NT * WG, WG == 1 ? 2 : 1) bwd_dq_kernel(const 
   const T* kb = static_cast<const T*>(a.k) + (size_t)b * a.Skv * D;
   const T* vb = static_cast<const T*>(a.v) + (size_t)b * a.Skv * D;
 
-  // Each warpgroup loads its own Q and dO tiles; with two, K comes by the first and V by the second.
-  auto load_kv = [&](int buf, int j0) {
-    if (WG == 1 || wg == 0) load_tile<Gm>(sK0 + buf * TILE, kb, j0, a.Skv, D, wtid);
-    if (WG == 1 || wg == 1) load_tile<Gm>(sV0 + buf * TILE, vb, j0, a.Skv, D, wtid);
-  };
-  load_tile<Gm>(sQ + wg * TILE, qh, i0 + wg * BM, a.Sq, a.qss, wtid);
-  load_tile<Gm>(sO + wg * TILE, oh, i0 + wg * BM, a.Sq, a.ss, wtid);
-  if (n_tiles > 0) load_kv(0, 0);
+  load_tile<Gm>(sQ, qh, i0, a.Sq, a.qss, tid);
+  load_tile<Gm>(sO, oh, i0, a.Sq, a.ss, tid);
+  if (n_tiles > 0) {
+    load_tile<Gm>(sK0, kb, 0, a.Skv, D, tid);
+    load_tile<Gm>(sV0, vb, 0, a.Skv, D, tid);
+  }
   cp_async_commit();
   const typename Gm::Ctx L(lane);
   const float scale_log2 = a.scale * kLog2e;
-  const int rw = 16 * (WG == 1 ? warp : warp % 4);  // the warp's rows in its warpgroup's tiles
-  const uint32_t sQw = sQ + wg * TILE, sOw = sO + wg * TILE;
-  const int ir[2] = {i0 + wg * BM + rw + g, i0 + wg * BM + rw + g + 8};  // this thread's accumulator rows
+  const int rw = 16 * warp;
+  const int ir[2] = {i0 + rw + g, i0 + rw + g + 8};  // this thread's accumulator rows
   float l2r[2], dlr[2];
 #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {  // padding rows: +inf, P = 0 (WG = 2: a last block past SqP too)
-    const bool in = WG == 1 || ir[hf] < a.SqP;
-    l2r[hf] = in ? a.lse2[bh * a.SqP + ir[hf]] : INFINITY;
-    dlr[hf] = in ? a.delta[bh * a.SqP + ir[hf]] : 0.f;
+  for (int hf = 0; hf < 2; ++hf) {
+    l2r[hf] = a.lse2[bh * a.SqP + ir[hf]];  // padding rows: +inf, P = 0
+    dlr[hf] = a.delta[bh * a.SqP + ir[hf]];
   }
   float dq[D / 8][4];
 #pragma unroll
@@ -322,15 +308,18 @@ __global__ void __launch_bounds__(NT * WG, WG == 1 ? 2 : 1) bwd_dq_kernel(const 
     cp_async_wait_all();
     Gm::landed();
     __syncthreads();
-    if (t + 1 < n_tiles) load_kv(buf ^ 1, n0 + BN);
+    if (t + 1 < n_tiles) {
+      load_tile<Gm>(sK0 + (buf ^ 1) * TILE, kb, n0 + BN, a.Skv, D, tid);
+      load_tile<Gm>(sV0 + (buf ^ 1) * TILE, vb, n0 + BN, a.Skv, D, tid);
+    }
     cp_async_commit();
     const uint32_t sK = sK0 + buf * TILE, sV = sV0 + buf * TILE;
     // S = Q K^T: (16 rows, 64 keys); element (n, e) is row ir[e >> 1], key n0 + 8n + 2tq + (e & 1).
     float s[8][4], dp[8][4];
-    Gm::xyt(s, sQw, rw, sK, L);
-    Gm::xyt(dp, sOw, rw, sV, L);  // dP = dO V^T, on while P's exponentials are computed (wgmma)
+    Gm::xyt(s, sQ, rw, sK, L);
+    Gm::xyt(dp, sO, rw, sV, L);  // dP = dO V^T, on while P's exponentials are computed (wgmma)
     Gm::template wait<1>();      // S is in
-    const bool need_mask = n0 + BN > a.Skv || (a.causal && n0 + BN - 1 > i0 + wg * BM + off);
+    const bool need_mask = n0 + BN > a.Skv || (a.causal && n0 + BN - 1 > i0 + off);
     softmax_p(s, scale_log2, [&](int, int e) { return l2r[e >> 1]; }, need_mask, [&](int n, int e) {
       const int j = n0 + 8 * n + 2 * tq + (e & 1), i = ir[e >> 1];
       return j >= a.Skv || (a.causal && j > i + off);
@@ -373,7 +362,7 @@ template <typename T, int D, template <typename, int> class Gm>
 int launch(const MQAParams& p) {
   using Pr = Gm<T, D>;  // the tile products
   constexpr int TILE = BM * D * 2;
-  constexpr int SMEM_KV = (4 + 2 * Pr::KV_WG) * TILE + 4 * BM * 4 + Pr::ALIGN, SMEM_Q = (4 + 2 * Pr::DQ_WG) * TILE + Pr::ALIGN;
+  constexpr int SMEM_KV = 6 * TILE + 4 * BM * 4 + Pr::ALIGN, SMEM_Q = 6 * TILE + Pr::ALIGN;
   static bool attr = false;
   if (!attr) {
     if (cudaFuncSetAttribute(bwd_dkdv_kernel<T, D, Pr>, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_KV) != cudaSuccess ||
@@ -395,14 +384,12 @@ int launch(const MQAParams& p) {
   a.part_v = a.part_k + (size_t)G * p.B * p.Skv * D;
   const int rows = p.B * p.H * SqP;
   bwd_prep_kernel<T, D><<<(rows + 7) / 8, 256, 0, p.stream>>>(a);
-  constexpr int KW = Pr::KV_WG;  // head_groups counts 64-key CTAs whatever KW (the workspace depends on G)
-  bwd_dkdv_kernel<T, D, Pr><<<(ntiles + KW - 1) / KW * G * p.B, NT * KW, SMEM_KV, p.stream>>>(a);
+  bwd_dkdv_kernel<T, D, Pr><<<ntiles * G * p.B, NT, SMEM_KV, p.stream>>>(a);
   if (G > 1) {
     const size_t n = 2 * (size_t)p.B * p.Skv * D / 4;
     bwd_reduce_kernel<T><<<(unsigned)((n + 255) / 256), 256, 0, p.stream>>>(a, D);
   }
-  constexpr int WG = Pr::DQ_WG;
-  bwd_dq_kernel<T, D, Pr><<<(SqP / BM + WG - 1) / WG * p.H * p.B, NT * WG, SMEM_Q, p.stream>>>(a);
+  bwd_dq_kernel<T, D, Pr><<<(SqP / BM) * p.H * p.B, NT, SMEM_Q, p.stream>>>(a);
   return 0;
 }
 
