@@ -592,10 +592,7 @@ int by_dim(const MQAParams& p) {
 }  // namespace
 
 int fastmqa_k08_flash_wgmma(const MQAParams& p) {
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major != 9)
-    return FASTMQA_UNSUPPORTED;  // wgmma is sm_90a only
+  if (!device_is_sm90()) return FASTMQA_UNSUPPORTED;  // wgmma is sm_90a only
   if (p.dtype == FASTMQA_BF16) return by_dim<__nv_bfloat16>(p);
   if (p.dtype == FASTMQA_FP16) return by_dim<__half>(p);
   return FASTMQA_UNSUPPORTED;

@@ -78,9 +78,6 @@ struct WgmmaProducts {
 }  // namespace
 
 int fastmqa_k12_flash_bwd_wgmma(const MQAParams& p) {
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major != 9)
-    return FASTMQA_UNSUPPORTED;  // wgmma is sm_90a only
+  if (!device_is_sm90()) return FASTMQA_UNSUPPORTED;  // wgmma is sm_90a only
   return flash_bwd<WgmmaProducts>(p);
 }

@@ -148,4 +148,12 @@ __device__ __forceinline__ void setmaxnreg_inc() { FASTMQA_SM90A_ASM("setmaxnreg
 __device__ __forceinline__ void named_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 __device__ __forceinline__ void named_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 
+// Host: whether the current device has compute capability 9.x; the launchers of sm_90a code
+// (08_flash_wgmma, 12_flash_bwd_wgmma) refuse other GPUs with FASTMQA_UNSUPPORTED.
+inline bool device_is_sm90() {
+  int dev = 0, major = 0;
+  return cudaGetDevice(&dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major == 9;
+}
+
 }  // namespace

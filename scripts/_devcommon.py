@@ -47,3 +47,24 @@ def prefill_qkv(S, D, seed=None, tokens=16384, H=32, dtype=torch.bfloat16):
     k = torch.randn(B, 1, S, D, device="cuda", dtype=dtype, generator=gen)
     v = torch.randn(B, 1, S, D, device="cuda", dtype=dtype, generator=gen)
     return B, q, k, v
+
+
+def alternating_rounds(fns, rounds, timer):
+    """{name: [time of each round]} of every fn in `fns` ({name: fn}), timed by `timer` in `rounds`
+    rounds whose order alternates (clock drift would otherwise favour whichever runs first)."""
+    times = {n: [] for n in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            times[n].append(timer(fns[n]))
+    return times
+
+
+def write_rows(out, name, rows):
+    """rows as out/name (JSON, with the device and torch version)."""
+    import json
+    from pathlib import Path
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                                        "rows": rows}, indent=1))

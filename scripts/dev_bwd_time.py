@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fastmqa import bench, build  # noqa: E402
 from fastmqa import kernels as registry  # noqa: E402
 
-from _devcommon import stamp  # noqa: E402
+from _devcommon import alternating_rounds, stamp, write_rows  # noqa: E402
 
 
 def variant_runner(kern, tag, defines):
@@ -75,11 +74,7 @@ def main():
                 out = torch.nn.functional.scaled_dot_product_attention(qq, ka, va, is_causal=causal, enable_gqa=not expanded)
             outs[name] = (out, qq, kk, vv)
             fns[name] = (lambda t=outs[name]: torch.autograd.grad(t[0], t[1:], dout, retain_graph=True))
-        times = {n: [] for n in fns}
-        names = list(fns)
-        for r in range(args.rounds):
-            for n in (names if r % 2 == 0 else names[::-1]):
-                times[n].append(timer(fns[n]))
+        times = alternating_rounds(fns, args.rounds, timer)
         ms = {n: statistics.median(t) for n, t in times.items()}
         fl = 2.5 * bench.attention_flops(B, H, S, S, D, causal)
         row = dict(D=D, causal=causal, S=S, B=B, H=H, ms=ms, rounds=times, tflops={n: fl / t / 1e9 for n, t in ms.items()})
@@ -87,10 +82,7 @@ def main():
         stamp(f"D={D} causal={causal!s:5} S={S:5}: " + "  ".join(f"{n} {t:4.0f}" for n, t in row["tflops"].items())
               + "  TFLOP/s; vs 12: " + " ".join(f"{n} {ms['12'] / t:.3f}" for n, t in ms.items() if n != "12"))
         del q, k, v, dout, o, lse, outs
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                                             "rows": rows}, indent=1))
+    write_rows(args.out, args.json, rows)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ alternate the order (the median over rounds of each one's median time).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -18,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fastmqa import bench, build  # noqa: E402
 from fastmqa import kernels as registry  # noqa: E402
 
-from _devcommon import prefill_qkv, stamp  # noqa: E402
+from _devcommon import alternating_rounds, prefill_qkv, stamp, write_rows  # noqa: E402
 
 
 def main():
@@ -45,11 +44,7 @@ def main():
         B, q, k, v = prefill_qkv(S, D, H=H)
         fns = {f"cfg{c}": k08.prepare(q, k, v, causal=causal, num_splits=c)[0] for c in cfgs}
         fns["cudnn"] = lambda: cudnn(q, k, v, causal)
-        times = {n: [] for n in fns}
-        names = list(fns)
-        for r in range(args.rounds):
-            for n in (names if r % 2 == 0 else names[::-1]):
-                times[n].append(timer(fns[n]))
+        times = alternating_rounds(fns, args.rounds, timer)
         ms = {n: statistics.median(t) for n, t in times.items()}
         fl = bench.attention_flops(B, H, S, S, D, causal)
         row = dict(D=D, causal=causal, S=S, B=B, H=H, ms=ms, rounds=times,
@@ -58,10 +53,7 @@ def main():
         stamp(f"D={D} causal={causal!s:5} S={S:5}: " + "  ".join(f"{n} {t:4.0f}" for n, t in row["tflops"].items())
               + "  TFLOP/s; vs cfg0: " + " ".join(f"{n} {ms['cfg0'] / t:.3f}" for n, t in ms.items() if n != "cfg0"))
         del q, k, v
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                                             "rows": rows}, indent=1))
+    write_rows(args.out, args.json, rows)
 
 
 if __name__ == "__main__":
