@@ -180,7 +180,7 @@ def mqa_flash_bwd(dout, q, k, v, out, lse, dlse=None, causal=False, scale=None, 
 
     q, out, dout (B, H, Sq, D); k, v (B, 1, Skv, D) or (B, Skv, D); lse (B, H, Sq), the forward's
     natural-log log-sum-exp; dlse: the gradient reaching lse, or None. groups: head groups of the
-    dK/dV kernel (kernels/07_flash_bwd.cu chooses them from the grid size; any count gives the
+    dK/dV kernel (kernels/flash_bwd.cuh: head_groups chooses them from the grid size; any count gives the
     same gradients up to rounding). dk, dv come back as (B, Skv, D)."""
     qn, kn, vn, scale, (B, H, Sq, Skv, D) = prepare(q, k, v, scale)
     if D > DMAX:
