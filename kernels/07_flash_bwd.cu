@@ -88,7 +88,7 @@ __device__ __forceinline__ void gemm_acc_y(float (&acc)[D / 8][4], const float (
 // The products of flash_bwd.cuh's kernels on mma.sync (see its header for the interface).
 template <typename T, int Dim>
 struct MmaSync {
-  static constexpr int D = Dim, ALIGN = 0;
+  static constexpr int D = Dim, ALIGN = 0, MINB = 2;
   static __device__ __forceinline__ int pad(const unsigned char*) { return 0; }
   static __device__ __forceinline__ uint32_t off(int r, int ch) { return swz<D>(r, ch); }
   struct Ctx {

@@ -25,13 +25,19 @@
 #ifndef FASTMQA_BWD_SYNC
 #define FASTMQA_BWD_SYNC 0
 #endif
+// FASTMQA_BWD_MINB64: CTAs per SM the D = 64 kernels are compiled for (their tiles take half the
+// shared memory of D = 128's, which holds 2): 3 fits them in 160 registers without spills and was
+// 1.01-1.07x 2 (results/bwd_minb_dev.json); 4 spills.
+#ifndef FASTMQA_BWD_MINB64
+#define FASTMQA_BWD_MINB64 3
+#endif
 
 namespace {
 
 // The products of flash_bwd.cuh's kernels on wgmma (see its header for the interface).
 template <typename T, int Dim>
 struct WgmmaProducts {
-  static constexpr int D = Dim, ALIGN = 1024;
+  static constexpr int D = Dim, ALIGN = 1024, MINB = D == 64 ? FASTMQA_BWD_MINB64 : 2;
   static __device__ __forceinline__ int pad(const unsigned char* smem) { return (1024 - (smem_u32(smem) & 1023)) & 1023; }
   static __device__ __forceinline__ uint32_t off(int r, int ch) { return sw128<64>(r, ch); }
   struct Ctx {

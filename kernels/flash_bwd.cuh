@@ -30,6 +30,7 @@
 //
 // The tile products come from a class Gm = Products<T, D> that the kernel file defines:
 //   D, ALIGN         the head dim; extra bytes of dynamic shared memory to align the tiles;
+//   MINB             CTAs an SM should hold (__launch_bounds__: registers a thread <= 64K / (128 MINB));
 //   pad(smem)        bytes from the dynamic shared memory's start to the first tile;
 //   off(r, ch)       byte offset of 16-byte chunk ch of row r in a 64-row tile (its swizzle);
 //   Ctx(lane)        per-thread state of the products (07: ldmatrix lane offsets);
@@ -129,7 +130,7 @@ __device__ __forceinline__ void softmax_p(float (&s)[8][4], float scale_log2, Ls
 
 // dK, dV: CTA (key tile, batch); warp w owns keys j0 + 16w .. +15.
 template <typename T, int D, class Gm>
-__global__ void __launch_bounds__(NT, 2) bwd_dkdv_kernel(const BwdArgs a) {
+__global__ void __launch_bounds__(NT, Gm::MINB) bwd_dkdv_kernel(const BwdArgs a) {
   constexpr int TILE = BM * D * 2;  // bytes of one 64-row tile (BM == BN)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + Gm::pad(smem_raw);  // the tiles' start (wgmma: 1024-aligned)
@@ -260,7 +261,7 @@ __global__ void __launch_bounds__(256) bwd_reduce_kernel(const BwdArgs a, int D)
 
 // dQ: CTA (query block, head, batch); warp w owns rows i0 + 16w .. +15.
 template <typename T, int D, class Gm>
-__global__ void __launch_bounds__(NT, 2) bwd_dq_kernel(const BwdArgs a) {
+__global__ void __launch_bounds__(NT, Gm::MINB) bwd_dq_kernel(const BwdArgs a) {
   constexpr int TILE = BM * D * 2;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const uint32_t sQ = smem_u32(smem_raw + Gm::pad(smem_raw)), sO = sQ + TILE, sK0 = sO + TILE, sV0 = sK0 + 2 * TILE;
