@@ -6,6 +6,7 @@ alternate the order (the median over rounds of each one's median time).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -27,10 +28,17 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--points", default=None, help="D:causal:S,... (default: D=128 every S, D=64 long S)")
     ap.add_argument("--json", default="ws_time_dev.json")
+    ap.add_argument("--sources", default="", help="tag:FILE,... kernels/FILE built as a variant of 08 (its default dispatch)")
     args = ap.parse_args()
     cfgs = [int(c) for c in args.cfgs.split(",")]
     k08 = registry.get("08_flash_wgmma")
     build.build_all([k08])
+    variants = {}
+    for v in filter(None, args.sources.split(",")):
+        tag, src = v.split(":", 1)
+        name = f"08_flash_wgmma_{tag}"
+        build.load(name, src, strided=True, symbol=build.name_to_symbol(k08.name))
+        variants[tag] = dataclasses.replace(k08, name=name, source=src)
     if args.points:
         pts = [(int(d), c == "1", int(s)) for d, c, s in (p.split(":") for p in args.points.split(","))]
     else:
@@ -43,6 +51,7 @@ def main():
         H = 32
         B, q, k, v = prefill_qkv(S, D, H=H)
         fns = {f"cfg{c}": k08.prepare(q, k, v, causal=causal, num_splits=c)[0] for c in cfgs}
+        fns.update({tag: kv.prepare(q, k, v, causal=causal)[0] for tag, kv in variants.items()})
         fns["cudnn"] = lambda: cudnn(q, k, v, causal)
         times = alternating_rounds(fns, args.rounds, timer)
         ms = {n: statistics.median(t) for n, t in times.items()}
