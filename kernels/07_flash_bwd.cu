@@ -89,6 +89,7 @@ __device__ __forceinline__ void gemm_acc_y(float (&acc)[D / 8][4], const float (
 template <typename T, int Dim>
 struct MmaSync {
   static constexpr int D = Dim, ALIGN = 0, MINB = 2;
+  static constexpr bool PIPE_KV = false, PIPE_Q = false;  // mma.sync is synchronous: nothing to overlap
   static __device__ __forceinline__ int pad(const unsigned char*) { return 0; }
   static __device__ __forceinline__ uint32_t off(int r, int ch) { return swz<D>(r, ch); }
   struct Ctx {

@@ -25,6 +25,11 @@
 #ifndef FASTMQA_BWD_SYNC
 #define FASTMQA_BWD_SYNC 0
 #endif
+// FASTMQA_BWD_PIPE: block it-1's last products run on under block it's first two (flash_bwd.cuh):
+// 1 in both kernels, 2 in the dK/dV kernel only.
+#ifndef FASTMQA_BWD_PIPE
+#define FASTMQA_BWD_PIPE 0
+#endif
 // FASTMQA_BWD_MINB64: CTAs per SM the D = 64 kernels are compiled for (their tiles take half the
 // shared memory of D = 128's, which holds 2): 3 fits them in 160 registers without spills and was
 // 1.01-1.07x 2 (results/bwd_minb_dev.json); 4 spills.
@@ -38,6 +43,7 @@ namespace {
 template <typename T, int Dim>
 struct WgmmaProducts {
   static constexpr int D = Dim, ALIGN = 1024, MINB = D == 64 ? FASTMQA_BWD_MINB64 : 2;
+  static constexpr bool PIPE_KV = FASTMQA_BWD_PIPE >= 1, PIPE_Q = FASTMQA_BWD_PIPE == 1;
   static __device__ __forceinline__ int pad(const unsigned char* smem) { return (1024 - (smem_u32(smem) & 1023)) & 1023; }
   static __device__ __forceinline__ uint32_t off(int r, int ch) { return sw128<64>(r, ch); }
   struct Ctx {

@@ -30,6 +30,8 @@
 //
 // The tile products come from a class Gm = Products<T, D> that the kernel file defines:
 //   D, ALIGN         the head dim; extra bytes of dynamic shared memory to align the tiles;
+//   PIPE_KV, PIPE_Q  whether a block's last products may run on under the next block's first ones
+//                    (dK/dV kernel, dQ kernel);
 //   MINB             CTAs an SM should hold (__launch_bounds__: registers a thread <= 64K / (128 MINB));
 //   pad(smem)        bytes from the dynamic shared memory's start to the first tile;
 //   off(r, ch)       byte offset of 16-byte chunk ch of row r in a 64-row tile (its swizzle);
@@ -180,13 +182,19 @@ __global__ void __launch_bounds__(NT, Gm::MINB) bwd_dkdv_kernel(const BwdArgs a)
   const int kw = 16 * warp;  // the warp's keys within the tile
   const int jk[2] = {j0 + kw + g, j0 + kw + g + 8};  // the keys of this thread's accumulator rows
 
+  // PIPE (Gm::PIPE_KV): block it-1's dV and dK products run on under block it's first two; its
+  // buffers are refilled once they are done (a second barrier).
+  constexpr bool PIPE = Gm::PIPE_KV;
+  typename Gm::Frag fp, fds;  // the A operands, alive until their products are done
   for (int it = 0; it < n_it; ++it) {
     const int buf = it & 1;
     cp_async_wait_all();
     Gm::landed();
-    __syncthreads();  // block it landed; every warp is done with block it-1's buffers
-    if (it + 1 < n_it) load_block(it + 1, buf ^ 1);
-    cp_async_commit();
+    __syncthreads();  // block it landed; every warp is done with block it-1's buffers (PIPE: but its products)
+    if (!PIPE) {
+      if (it + 1 < n_it) load_block(it + 1, buf ^ 1);
+      cp_async_commit();
+    }
     const uint32_t sQ = sQ0 + buf * TILE, sO = sO0 + buf * TILE;
     const int i0 = (ib0 + it % per_h) * BM;
     const float* l2s = s_l2 + buf * BM;
@@ -198,6 +206,12 @@ __global__ void __launch_bounds__(NT, Gm::MINB) bwd_dkdv_kernel(const BwdArgs a)
     float s[8][4], dp[8][4];
     Gm::xyt(s, sK, kw, sQ, L);
     Gm::xyt(dp, sV, kw, sO, L);
+    if (PIPE) {
+      Gm::template wait<2>();  // block it-1's dV, dK are done in this warp
+      __syncthreads();         // ... and in every warp: its buffers take block it+1
+      if (it + 1 < n_it) load_block(it + 1, buf ^ 1);
+      cp_async_commit();
+    }
     Gm::template wait<1>();  // S^T is in
     const bool need_mask = j0 + BN > a.Skv || (a.causal && j0 + BN - 1 > i0 + off);
     const int col = 2 * tq;  // row index within the block of element (n, e): 8n + col + (e & 1)
@@ -205,7 +219,6 @@ __global__ void __launch_bounds__(NT, Gm::MINB) bwd_dkdv_kernel(const BwdArgs a)
       const int j = jk[e >> 1], i = i0 + 8 * n + 2 * tq + (e & 1);
       return j >= a.Skv || (a.causal && j > i + off);
     });
-    typename Gm::Frag fp, fds;  // the A operands, alive until their products are done
     Gm::acc_y(dv, s, sO, L, fp);  // dV += P^T dO
     Gm::template wait<1>();       // dP^T is in
     // dS^T = P^T (dP^T - delta) in place.
@@ -214,8 +227,9 @@ __global__ void __launch_bounds__(NT, Gm::MINB) bwd_dkdv_kernel(const BwdArgs a)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dp[n][e] = s[n][e] * (dp[n][e] - dls[8 * n + col + (e & 1)]);
     Gm::acc_y(dk, dp, sQ, L, fds);  // dK += dS^T Q
-    Gm::template wait<0>();         // every product of this block is done before its buffers are refilled
+    if (!PIPE) Gm::template wait<0>();  // every product of this block is done before its buffers are refilled
   }
+  if (PIPE) Gm::template wait<0>();
   cp_async_wait_all();
 
   // Epilogue: rows jk[0], jk[1]; columns 8n + 2tq, +1. dK gets the softmax scale here. One head
@@ -304,21 +318,31 @@ __global__ void __launch_bounds__(NT, Gm::MINB) bwd_dq_kernel(const BwdArgs a) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) dq[n][e] = 0.f;
 
+  constexpr bool PIPE = Gm::PIPE_Q;  // as in the dK/dV kernel: tile t-1's dQ product runs on under tile t's first two
+  auto load_next = [&](int t, int buf) {
+    if (t + 1 < n_tiles) {
+      load_tile<Gm>(sK0 + (buf ^ 1) * TILE, kb, (t + 1) * BN, a.Skv, D, tid);
+      load_tile<Gm>(sV0 + (buf ^ 1) * TILE, vb, (t + 1) * BN, a.Skv, D, tid);
+    }
+    cp_async_commit();
+  };
+  typename Gm::Frag fds;
   for (int t = 0; t < n_tiles; ++t) {
     const int n0 = t * BN, buf = t & 1;
     cp_async_wait_all();
     Gm::landed();
     __syncthreads();
-    if (t + 1 < n_tiles) {
-      load_tile<Gm>(sK0 + (buf ^ 1) * TILE, kb, n0 + BN, a.Skv, D, tid);
-      load_tile<Gm>(sV0 + (buf ^ 1) * TILE, vb, n0 + BN, a.Skv, D, tid);
-    }
-    cp_async_commit();
+    if (!PIPE) load_next(t, buf);
     const uint32_t sK = sK0 + buf * TILE, sV = sV0 + buf * TILE;
     // S = Q K^T: (16 rows, 64 keys); element (n, e) is row ir[e >> 1], key n0 + 8n + 2tq + (e & 1).
     float s[8][4], dp[8][4];
     Gm::xyt(s, sQ, rw, sK, L);
     Gm::xyt(dp, sO, rw, sV, L);  // dP = dO V^T, on while P's exponentials are computed (wgmma)
+    if (PIPE) {
+      Gm::template wait<2>();  // tile t-1's dQ product is done in this warp
+      __syncthreads();         // ... and in every warp: its buffers take tile t+1
+      load_next(t, buf);
+    }
     Gm::template wait<1>();      // S is in
     const bool need_mask = n0 + BN > a.Skv || (a.causal && n0 + BN - 1 > i0 + off);
     softmax_p(s, scale_log2, [&](int, int e) { return l2r[e >> 1]; }, need_mask, [&](int n, int e) {
@@ -330,10 +354,10 @@ __global__ void __launch_bounds__(NT, Gm::MINB) bwd_dq_kernel(const BwdArgs a) {
     for (int n = 0; n < 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dp[n][e] = s[n][e] * (dp[n][e] - dlr[e >> 1]);
-    typename Gm::Frag fds;
     Gm::acc_y(dq, dp, sK, L, fds);  // dQ += dS K
-    Gm::template wait<0>();
+    if (!PIPE) Gm::template wait<0>();
   }
+  if (PIPE) Gm::template wait<0>();
   cp_async_wait_all();
 
   T* dqh = static_cast<T*>(a.dq) + ooff;
