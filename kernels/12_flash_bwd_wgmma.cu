@@ -26,9 +26,10 @@
 #define FASTMQA_BWD_SYNC 0
 #endif
 // FASTMQA_BWD_PIPE: block it-1's last products run on under block it's first two (flash_bwd.cuh):
-// 1 in both kernels, 2 in the dK/dV kernel only.
+// 1 in both kernels, 2 in the dK/dV kernel only, at D = 128 (results/bwd_pipe_dev.json: 2 was
+// 1.00-1.05x off at D = 128; 1 was 0.87-0.99x, and at D = 64 ptxas serialises the products).
 #ifndef FASTMQA_BWD_PIPE
-#define FASTMQA_BWD_PIPE 0
+#define FASTMQA_BWD_PIPE 2
 #endif
 // FASTMQA_BWD_MINB64: CTAs per SM the D = 64 kernels are compiled for (their tiles take half the
 // shared memory of D = 128's, which holds 2): 3 fits them in 160 registers without spills and was
@@ -43,7 +44,7 @@ namespace {
 template <typename T, int Dim>
 struct WgmmaProducts {
   static constexpr int D = Dim, ALIGN = 1024, MINB = D == 64 ? FASTMQA_BWD_MINB64 : 2;
-  static constexpr bool PIPE_KV = FASTMQA_BWD_PIPE >= 1, PIPE_Q = FASTMQA_BWD_PIPE == 1;
+  static constexpr bool PIPE_KV = FASTMQA_BWD_PIPE >= 1 && D == 128, PIPE_Q = FASTMQA_BWD_PIPE == 1 && D == 128;
   static __device__ __forceinline__ int pad(const unsigned char* smem) { return (1024 - (smem_u32(smem) & 1023)) & 1023; }
   static __device__ __forceinline__ uint32_t off(int r, int ch) { return sw128<64>(r, ch); }
   struct Ctx {
