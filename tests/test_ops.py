@@ -242,6 +242,19 @@ def test_select_kernel_skips_kernels_for_another_gpu(monkeypatch):
     assert ops.select_kernel(torch.float32, 128, True).name == "09_flash_3xtf32"
 
 
+def test_select_backward_follows_the_gpu(monkeypatch):
+    """The backward kernel is the latest one that runs on the GPU: 12_flash_bwd_wgmma (08's, wgmma)
+    on compute capability 9.0, 07_flash_bwd (06's, mma.sync) elsewhere; both read the same lse."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for cap, want in (((8, 0), "07_flash_bwd.cu"), ((8, 9), "07_flash_bwd.cu"), ((9, 0), "12_flash_bwd_wgmma.cu")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        for D in (64, 128):
+            for causal in (False, True):
+                kern = ops.select_backward(torch.bfloat16, D, causal, "cuda")
+                assert kern is not None and kern.backward == want, (cap, D, causal)
+    assert ops.select_backward(torch.bfloat16, 96, True, "cuda") is None
+
+
 def test_cpu_uses_reference():
     q, k, v = qkv()
     assert torch.equal(mqa_attention(q, k, v), mqa_attention(q, k, v, impl="reference"))
