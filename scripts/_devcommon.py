@@ -68,3 +68,20 @@ def write_rows(out, name, rows):
     out.mkdir(parents=True, exist_ok=True)
     (out / name).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                                         "rows": rows}, indent=1))
+
+
+def mqa_layer_pair(hidden, heads):
+    """(name, factory) of the two MQA layers the layer dev scripts compare: ours and the SDPA one."""
+    from fastmqa.layers import FastMQALayer, GQALayer
+    return (("fastmqa.layer", lambda: FastMQALayer(hidden, heads, causal=True)),
+            ("torch.sdpa_gqa_layer", lambda: GQALayer(hidden, heads, 1, causal=True)))
+
+
+def profile_table(fn, n, sort_by, rows=14):
+    """torch.profiler's table (CPU and CUDA) of n calls of fn, the GPU synchronised at the end."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows)

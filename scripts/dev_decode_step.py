@@ -18,9 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fastmqa import bench  # noqa: E402
 from fastmqa.generate import KVCache  # noqa: E402
-from fastmqa.layers import FastMQALayer, GQALayer  # noqa: E402
 
-from _devcommon import stamp, write_rows  # noqa: E402
+from _devcommon import mqa_layer_pair, profile_table, stamp, write_rows  # noqa: E402
 
 
 def main():
@@ -32,8 +31,7 @@ def main():
     timer = bench.Timer()
     rows = []
     for B in (int(b) for b in args.batches.split(",")):
-        for name, make in (("fastmqa.layer", lambda: FastMQALayer(hidden, H, causal=True)),
-                           ("torch.sdpa_gqa_layer", lambda: GQALayer(hidden, H, 1, causal=True))):
+        for name, make in mqa_layer_pair(hidden, H):
             layer = make().to(device="cuda", dtype=torch.bfloat16).eval()
             cache = KVCache.for_layer(layer, batch=B, max_seq_len=S)
             cache.step(S - 1)
@@ -53,12 +51,7 @@ def main():
             torch.cuda.synchronize()
             wall_us = (time.perf_counter() - t0) / 200 * 1e6
             gpu_ms = timer(step)
-            from torch.profiler import ProfilerActivity, profile
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(20):
-                    step()
-                torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
+            table = profile_table(step, 20, "self_cpu_time_total")
             rows.append(dict(B=B, impl=name, path=slot.last_path, wall_us_per_step=round(wall_us, 1),
                              timer_ms=round(gpu_ms, 4), profile=table))
             stamp(f"B={B} {name:22s} path={slot.last_path}: back-to-back {wall_us:7.1f} us/step, timer {gpu_ms * 1e3:7.1f} us")

@@ -15,7 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fastmqa import bench_layer  # noqa: E402
-from fastmqa.layers import FastMQALayer, GQALayer  # noqa: E402
+
+from _devcommon import mqa_layer_pair, profile_table  # noqa: E402
 
 
 def main():
@@ -29,19 +30,17 @@ def main():
     for S in (int(s) for s in args.seqs.split(",")):
         B = bench_layer.TOKENS // S
         x = torch.randn(B, S, E, device="cuda", dtype=dt)
-        for name, m in (("fastmqa.layer", FastMQALayer(E, H, causal=True)), ("sdpa_gqa_layer", GQALayer(E, H, 1, causal=True))):
-            m = m.to(device="cuda", dtype=dt).eval()
+        for name, make in mqa_layer_pair(E, H):
+            m = make().to(device="cuda", dtype=dt).eval()
             with torch.inference_mode():
                 for _ in range(3):
                     m(x)
                 torch.cuda.synchronize()
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
-                                                        torch.profiler.ProfilerActivity.CPU]) as prof:
-                    for _ in range(5):
-                        flush.zero_()
-                        m(x)
-                    torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+
+                def step(m=m):
+                    flush.zero_()
+                    m(x)
+                table = profile_table(step, 5, "cuda_time_total")
             print(f"== {name} B={B} S={S}\n{table}", flush=True)
             res[f"{name} S={S}"] = table
     Path(args.out).mkdir(parents=True, exist_ok=True)
