@@ -36,6 +36,7 @@
 //   pad(smem)        bytes from the dynamic shared memory's start to the first tile;
 //   off(r, ch)       byte offset of 16-byte chunk ch of row r in a 64-row tile (its swizzle);
 //   Ctx(lane)        per-thread state of the products (07: ldmatrix lane offsets);
+//   Frag             acc_y's packed A operand, kept alive by the caller until its product is done;
 //   landed()         after cp.async has landed a tile, before the block's barrier;
 //   xyt(acc, x, xrow, y, ctx)    acc (this warp's 16 rows x 64) = rows of tile x * (tile y)^T;
 //   acc_y(acc, p, y, ctx, frag)  acc (16 x D) += p (16 x 64, 16-bit-rounded, packed into frag) * tile y;
