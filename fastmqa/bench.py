@@ -108,31 +108,76 @@ def validate_results(data: dict):
 
 # -- timing --------------------------------------------------------------------------
 class Timer:
-    """Median time of fn() in ms, L2 flushed before each repetition."""
+    """Median time of fn() in ms, L2 flushed before each repetition.
+
+    lead=True (for calls whose CPU side outlasts the flush, like a Python decode step): a GPU
+    spin kernel (`torch.cuda._sleep`) longer than one call's wall time is queued after the flush
+    and before the start event, so the CPU has queued the whole call before the GPU reaches it
+    and the events time the GPU's work, not the launches (what a CUDA graph would run).
+    `side_by_side` times several fns in the same repetitions (paired samples)."""
 
     def __init__(self, flush_mb=256, reps=30, warmup=3, budget_s=2.0):
         self.flush = torch.empty(flush_mb * 2**20 // 4, dtype=torch.float32, device="cuda")
         self.reps, self.warmup, self.budget_s = reps, warmup, budget_s
+        self._cycles_per_ms = None
 
-    def __call__(self, fn, reps=None) -> float:
-        for _ in range(self.warmup):
-            fn()
+    def _probe(self, fns, warmup):
+        """Warm every fn up, then time one call of them all (wall clock): s."""
+        for _ in range(self.warmup if warmup is None else warmup):
+            for fn in fns:
+                fn()
         torch.cuda.synchronize()
-        # One timed probe to size the repetitions to the time budget.
         t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        one = time.perf_counter() - t0
-        n = reps or max(3, min(self.reps, int(self.budget_s / max(one, 1e-6))))
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        for s, e in zip(starts, ends):
-            self.flush.zero_()
-            s.record()
+        for fn in fns:
             fn()
-            e.record()
         torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+        return time.perf_counter() - t0
+
+    def _lead_cycles(self, wall_s):
+        """Spin cycles covering 2 x wall_s (at least 0.2 ms; wall_s: a probe of every fn once), from a
+        one-off calibration of the spin kernel's rate."""
+        if self._cycles_per_ms is None:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            n = 2_000_000
+            torch.cuda._sleep(n)  # warm
+            s.record()
+            torch.cuda._sleep(n)
+            e.record()
+            torch.cuda.synchronize()
+            self._cycles_per_ms = n / s.elapsed_time(e)
+        return int(self._cycles_per_ms * max(0.2, 2e3 * wall_s))
+
+    def side_by_side(self, fns: dict, reps=None, lead=False, warmup=None) -> dict:
+        """{name: [ms of each repetition]}: every repetition times every fn, each after its own
+        flush, in an order that rotates from one repetition to the next; time[i] of two fns are
+        a pair taken moments apart (clock and thermal drift cancel in their ratio)."""
+        names = list(fns)
+        one = self._probe([fns[n] for n in names], warmup)
+        n = reps or max(3, min(self.reps, int(self.budget_s / max(one, 1e-6))))
+        cycles = self._lead_cycles(one) if lead else 0
+        ev = {m: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+              for m in names}
+        for i in range(n):
+            for j in range(len(names)):
+                m = names[(i + j) % len(names)]
+                self.flush.zero_()
+                if cycles:
+                    torch.cuda._sleep(cycles)
+                ev[m][i][0].record()
+                fns[m]()
+                ev[m][i][1].record()
+        torch.cuda.synchronize()
+        return {m: [s.elapsed_time(e) for s, e in ev[m]] for m in names}
+
+    def __call__(self, fn, reps=None, lead=False, warmup=None) -> float:
+        return statistics.median(self.side_by_side({"fn": fn}, reps=reps, lead=lead, warmup=warmup)["fn"])
+
+
+def paired_ratio(num, den):
+    """Median and quartiles of num[i] / den[i] over paired repetitions (Timer.side_by_side)."""
+    r = sorted(a / b for a, b in zip(num, den))
+    q = statistics.quantiles(r, n=4, method="inclusive") if len(r) > 1 else [r[0]] * 3
+    return dict(median=statistics.median(r), q1=q[0], q3=q[2])
 
 
 def measure_ceilings(timer: Timer) -> dict:
@@ -302,12 +347,18 @@ PAGE_SIZE = 256  # the decode suite's paged rows: keys a page (a multiple of the
 
 
 def suite_decode(timer, quick=False):
-    """bf16 decode, H=32, D=128: bandwidth = bytes of K and V read / time."""
+    """bf16 decode, H=32, D=128: bandwidth = bytes of K and V read / time. Every row also carries
+    the point's floors, timed the same way: copy_ms (copying K and V: two copy kernels), copy1_ms
+    (one copy kernel of K: as many DRAM bytes read + written as the decode reads) and launch_ms
+    (a near-empty kernel)."""
     rows, skipped = [], []
     H, D, dtype = 32, 128, torch.bfloat16
     grid = [(1, 4096), (16, 4096), (64, 16384)] if quick else DECODE_GRID
     free = torch.cuda.mem_get_info()[0]
     bar = _progress(len(grid), "decode")
+    # The timer's floor: one near-empty kernel (a 1-element add) between the events, after the flush.
+    tiny = torch.zeros(1, device="cuda")
+    launch_ms = timer(lambda: tiny.add_(1))
     for B, S in grid:
         kv_bytes = 2 * B * S * D * 2
         if 3 * kv_bytes > 0.6 * free:  # cache + SDPA's expanded copy must fit
@@ -321,7 +372,10 @@ def suite_decode(timer, quick=False):
         lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
         kd, vd = torch.empty_like(k), torch.empty_like(v)
         copy_ms = timer(lambda: (kd.copy_(k), vd.copy_(v)))
-        extra = dict(copy_ms=round(copy_ms, 5), kv_bytes=kv_bytes)
+        # one copy kernel of K alone: reads and writes as many DRAM bytes as a decode reads (K and V)
+        copy1_ms = timer(lambda: kd.copy_(k))
+        extra = dict(copy_ms=round(copy_ms, 5), copy1_ms=round(copy1_ms, 5), launch_ms=round(launch_ms, 5),
+                     kv_bytes=kv_bytes)
         for kern in registry.in_suite("decode"):
             if kern.supports(dtype, D, False, 1) is not None:
                 continue

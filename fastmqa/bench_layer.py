@@ -10,14 +10,19 @@ Two workloads, both at hidden 4096 and 32 query heads (head_dim 128):
       torch.sdpa_gqa_layer   the same MQA layer with PyTorch's SDPA (enable_gqa) for attention
   tflops counts the layer's model flops (projections + attention, halved for causal); the
   backward counts as twice the forward. At each shape and pass the three layers are timed side
-  by side, in ROUNDS rounds of alternating order; ms is the median, "rounds" each round's time.
+  by side in the same repetitions (paired, order rotating); ms is each layer's median, and
+  fastmqa.layer's rows carry x_mha and x_sdpa_gqa_layer: the median [and quartiles] of the other
+  layer's time over ours per repetition (> 1: ours is faster).
 
 * decode rows (kind "decode"): one new token per sequence against a cache of 4096 tokens,
   B = 1 ... 64, for MHA, GQA-8, MQA (torch.sdpa_gqa_layer), MQA (fastmqa.layer) and MLA
   (fastmqa.mla, absorbed: attention over the latent cache; "MLA": latent = head_dim + 64 RoPE,
   "MLA-512": DeepSeek-V2's 512 + 64). gbps is the cache bytes read per
   step / time; tokens_per_s = B / time. "path" says which attention ran (a registry decode
-  kernel, "mqa_attention:<prefill kernel or reference>", "sdpa" or "reference").
+  kernel, "mqa_attention:<prefill kernel or reference>", "sdpa" or "reference"). A step is
+  timed on the GPU with its launches queued ahead (`Timer(lead=True)`: the time a CUDA graph of
+  the step would take; a step's Python side takes longer than its kernels at small B), after
+  DECODE_WARMUP steps.
 
 `suite_layer(timer, quick=False)` returns (rows, skipped); `fastmqa.bench` writes them.
 """
@@ -37,6 +42,7 @@ from .mla import MultiHeadLatentAttention
 HIDDEN, HEADS, DTYPE = 4096, 32, torch.bfloat16
 TOKENS = 16384                       # B * S of the prefill rows
 DECODE_CONTEXT = 4096
+DECODE_WARMUP = 20                   # decode steps before timing (first calls pick kernels, allocate)
 DEVICE = "cuda"                      # a test runs the suite's plumbing on the CPU at tiny sizes
 
 
@@ -66,13 +72,14 @@ def layer_flops(B, S, kv_heads, causal=True):
     return proj + attention_flops(B, HEADS, S, S, D, causal)
 
 
-ROUNDS = 3  # prefill rows: each time is the median over rounds that alternate the layers' order
-
-
 def _prefill_rows(timer, seqs, bar):
-    """Every layer at one shape and pass, then the next: the layers are timed side by side, in
-    ROUNDS rounds of alternating order (clock and thermal drift over the suite would otherwise
-    favour whichever layer ran first), each row the median of its rounds' times."""
+    """Every layer at one shape and pass, side by side: each repetition times the three layers
+    moments apart (`Timer.side_by_side`, order rotating), so clock and thermal drift over the
+    suite, which moved a layer's time by up to 10 % from one round to the next when they were
+    timed one after another, cancels in the paired ratios. ms is each layer's median;
+    fastmqa.layer's rows also carry x_<impl> = median and quartiles of that layer's time over
+    ours, per repetition (> 1: ours is faster)."""
+    from .bench import paired_ratio
     rows, skipped = [], []
     D = HIDDEN // HEADS
     kern = ops.select_kernel(DTYPE, D, True)
@@ -84,35 +91,40 @@ def _prefill_rows(timer, seqs, bar):
         g = torch.randn_like(x)
         xg = x.clone().requires_grad_()
         for name, mult in (("fwd", 1), ("fwd+bwd", 3)):
-            times, failed = {impl: [] for impl in layers}, {}
-            order = list(layers)
-            for r in range(ROUNDS):
-                for impl in (order if r % 2 == 0 else order[::-1]):
-                    if impl in failed:
-                        continue
-                    module, fn, _ = layers[impl]
-                    module.train(name == "fwd+bwd")
+            fns, failed = {}, {}
+            for impl, (module, fn, _) in layers.items():
+                module.train(name == "fwd+bwd")
 
-                    def run():
-                        if name == "fwd":
-                            with torch.inference_mode():
-                                fn(module, x)
-                        else:
-                            fn(module, xg).backward(g)
-                    try:
-                        times[impl].append(timer(run))
-                    except torch.OutOfMemoryError as e:
-                        failed[impl] = f"out of memory: {str(e).splitlines()[0][:120]}"
-                        torch.cuda.empty_cache()
+                def run(module=module, fn=fn):
+                    if name == "fwd":
+                        with torch.inference_mode():
+                            fn(module, x)
+                    else:  # gradients set to None, not accumulated: no add kernel in the timing
+                        xg.grad = None
+                        module.zero_grad(set_to_none=True)
+                        fn(module, xg).backward(g)
+                try:  # one call alone first: a layer that does not fit is left out, not the shape
+                    run()
+                    if x.is_cuda:
+                        torch.cuda.synchronize()
+                    fns[impl] = run
+                except torch.OutOfMemoryError as e:
+                    failed[impl] = f"out of memory: {str(e).splitlines()[0][:120]}"
                     module.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+            times = timer.side_by_side(fns) if fns else {}
             for impl, (_, _, kv_heads) in layers.items():
                 if impl in failed:
                     skipped.append(dict(impl=impl, S=S, **{"pass": name}, why=failed[impl]))
                     continue
                 ms = statistics.median(times[impl])
-                extra = dict(hidden=HIDDEN, kv_heads=kv_heads, rounds=[round(t, 5) for t in times[impl]])
+                extra = dict(hidden=HIDDEN, kv_heads=kv_heads, reps=len(times[impl]))
                 if impl == "fastmqa.layer":
                     extra["path"] = kern.name if kern is not None else "reference"
+                    for other in times:
+                        if other != impl:
+                            pr = paired_ratio(times[other], times[impl])
+                            extra["x_" + other.split(".", 1)[1]] = [round(pr[k], 4) for k in ("median", "q1", "q3")]
                 flops = mult * layer_flops(B, S, kv_heads)
                 rows.append(_row(impl, "layer", DTYPE, B, HEADS, S, S, D, True, ms, **{"pass": name},
                                  tflops=round(flops / ms / 1e9, 2), **extra))
@@ -158,7 +170,7 @@ def _decode_rows(timer, batches, bar):
             def step():
                 with torch.inference_mode():
                     layer(x, kv_cache=slot)
-            ms = timer(step)
+            ms = timer(step, lead=True, warmup=DECODE_WARMUP)
             nbytes = cache.nbytes()
             rows.append(_row(impl, "decode", DTYPE, B, HEADS, 1, S, D, True, ms, attention=attention,
                              gbps=round(nbytes / ms / 1e6, 1), tokens_per_s=round(B / ms * 1e3, 1),

@@ -267,12 +267,30 @@ def test_bench_layer_suite_plumbing_on_cpu(monkeypatch):
     from fastmqa import bench, bench_layer
     for name, val in dict(DEVICE="cpu", HIDDEN=64, HEADS=8, TOKENS=64, DECODE_CONTEXT=16).items():
         monkeypatch.setattr(bench_layer, name, val)
-    calls = []
-    rows, skipped = bench_layer.suite_layer(lambda fn: (fn(), calls.append(1), 1.0)[-1], quick=True)
+    class FakeTimer:  # runs every fn; times: ours 1 ms, the others 2, 2 and 4 ms over 3 repetitions
+        calls, leads = [], []
+
+        def side_by_side(self, fns, reps=None, lead=False, warmup=None):
+            for fn in fns.values():
+                fn()
+            self.calls.append(sorted(fns))
+            return {m: [1.0] * 3 if m == "fastmqa.layer" else [2.0, 2.0, 4.0] for m in fns}
+
+        def __call__(self, fn, reps=None, lead=False, warmup=None):
+            fn()
+            self.leads.append(lead)
+            return 1.0
+    timer = FakeTimer()
+    rows, skipped = bench_layer.suite_layer(timer, quick=True)
     assert not skipped and len(rows) == 3 * 2 * 2 + 6 * 2
-    # prefill rows: every layer timed in each of ROUNDS rounds, the row keeps each round's time
-    assert len(calls) == 3 * 2 * 2 * bench_layer.ROUNDS + 6 * 2
-    assert all(len(r["rounds"]) == bench_layer.ROUNDS for r in rows if r["kind"] == "layer")
+    # prefill rows: the three layers timed side by side, once per shape and pass
+    assert timer.calls == [sorted(bench_layer._prefill_layers())] * (2 * 2)
+    ours = [r for r in rows if r["kind"] == "layer" and r["impl"] == "fastmqa.layer"]
+    assert len(ours) == 4 and all(r["x_mha"] == [2.0, 2.0, 3.0] and r["x_sdpa_gqa_layer"] == [2.0, 2.0, 3.0]
+                                  for r in ours)
+    assert all(r["ms"] == (1.0 if r["impl"] == "fastmqa.layer" else 2.0) for r in rows if r["kind"] == "layer")
+    # decode rows: one GPU-side time per layer and batch, launches queued ahead
+    assert timer.leads == [True] * (6 * 2)
     bench.validate_results(dict(suite="layer", device="cpu", torch="", cuda="", date="", rows=rows,
                                 ceilings=dict(copy_gbps=1, bf16_tflops=1, fp32_tflops=1)))
     dec = [r for r in rows if r["kind"] == "decode"]

@@ -101,3 +101,26 @@ def test_paged_table_pairs_dense_and_paged_rows():
     assert [(r["B"], r["S"], r["page"]) for r in t] == [(1, 4096, 256)]
     assert t[0]["paged_vs_dense"] == pytest.approx(1.1)
     assert t[0]["dense_us"] == pytest.approx(10.0) and t[0]["paged_us"] == pytest.approx(11.0)
+
+
+def test_targets_table_checks_each_target_against_its_point():
+    """targets_table: >= 90 % of the copy ceiling from 64 MiB, no slower than the copy below it,
+    >= SDPA everywhere, 2x SDPA where SDPA is under 40 % of the ceiling (with that target's time)."""
+    MB = 2**20
+
+    def rows(B, S, kv, ours_ms, sdpa_ms, copy_ms):
+        extra = dict(kind="decode", B=B, Skv=S, kv_bytes=kv, copy_ms=copy_ms, copy1_ms=copy_ms / 2, launch_ms=0.004)
+        return [dict(impl="10_decode", ms=ours_ms, gbps=kv / ours_ms / 1e6, **extra),
+                dict(impl="10_decode", ms=ours_ms * 9, gbps=1.0, num_splits=1, sweep=True, **extra),
+                dict(impl="torch.sdpa_gqa", ms=sdpa_ms, gbps=kv / sdpa_ms / 1e6, **extra)]
+    data = {"ceilings": {"copy_gbps": 3000.0},
+            "rows": rows(1, 1024, 1 * MB, 0.010, 0.030, 0.012)        # small: faster than copy, 3x SDPA (1 %)
+            + rows(4, 4096, 8 * MB, 0.020, 0.019, 0.015)             # small: slower than copy and SDPA
+            + rows(64, 32768, 1024 * MB, 0.370, 0.380, 0.720)        # big: 2902 GB/s = 97 % of the ceiling
+            + rows(16, 32768, 256 * MB, 0.150, 0.140, 0.190)}        # big: 1790 GB/s = 60 %, slower than SDPA
+    t = {(r["B"], r["S"]): r for r in decode.targets_table(data)}
+    assert t[1, 1024]["met"] == "copy,sdpa,2x_sdpa" and t[1, 1024]["missed"] == "-"
+    assert t[1, 1024]["target_2x_us"] == pytest.approx(15.0) and t[1, 1024]["copy1_us"] == pytest.approx(6.0)
+    assert t[4, 4096]["met"] == "-" and t[4, 4096]["missed"] == "copy,sdpa,2x_sdpa"
+    assert t[64, 32768]["met"] == "of_copy,sdpa" and t[64, 32768]["target_2x_us"] is None
+    assert t[16, 32768]["missed"] == "of_copy,sdpa"

@@ -329,6 +329,36 @@ def bandwidth_table(data, impl="10_decode"):
     return out
 
 
+def targets_table(data, impl="10_decode", big_bytes=64 * 2**20):
+    """The decode targets, point by point, from a results/decode.json: at K/V >= big_bytes, at
+    least 90 % of the copy ceiling (`of_copy`); below it, no slower than copying K and V
+    (`t_vs_copy` <= 1); no slower than the best SDPA path (`x_sdpa` >= 1); and 2x SDPA where
+    SDPA reaches under 40 % of the copy ceiling. For that last target the table sets its time,
+    half of SDPA's, against the point's floors measured in the same run: one copy kernel moving as
+    many DRAM bytes as the decode reads (`copy1_us`) and a near-empty kernel (`launch_us`).
+    `met` lists the targets met, `missed` the others (of_copy, copy, sdpa, 2x_sdpa)."""
+    ceil = data["ceilings"]["copy_gbps"]
+    out = []
+    for r in bandwidth_table(data, impl):
+        ours = next(x for x in data["rows"] if x["kind"] == "decode" and not x.get("sweep")
+                    and x["impl"] == impl and (x["B"], x["Skv"]) == (r["B"], r["S"]))
+        big = ours["kv_bytes"] >= big_bytes
+        sdpa_of_copy = r["sdpa_GBps"] / ceil if r["sdpa_GBps"] else None
+        checks = {"of_copy" if big else "copy": (r["of_copy"] >= 0.9) if big else (r["t_vs_copy"] <= 1.0),
+                  "sdpa": r["x_sdpa"] >= 1.0}
+        row = dict(B=r["B"], S=r["S"], kv_MB=r["kv_MB"], us=r["us"], of_copy=r["of_copy"], t_vs_copy=r["t_vs_copy"],
+                   x_sdpa=r["x_sdpa"], sdpa_of_copy=sdpa_of_copy, target_2x_us=None,
+                   copy1_us=ours["copy1_ms"] * 1e3 if "copy1_ms" in ours else None,
+                   launch_us=ours["launch_ms"] * 1e3 if "launch_ms" in ours else None)
+        if sdpa_of_copy is not None and sdpa_of_copy < 0.4:
+            checks["2x_sdpa"] = r["x_sdpa"] >= 2.0
+            row["target_2x_us"] = r["us"] * r["x_sdpa"] / 2
+        row["met"] = ",".join(k for k, ok in checks.items() if ok) or "-"
+        row["missed"] = ",".join(k for k, ok in checks.items() if not ok) or "-"
+        out.append(row)
+    return out
+
+
 def paged_table(data, impl="10_decode"):
     """Per (B, S): the kernel's time on the dense cache and on the same cache in shuffled pages
     (rows `<impl>.paged` of a results/decode.json), and their ratio."""
