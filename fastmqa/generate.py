@@ -272,14 +272,22 @@ class LayerCache:
 
     def _decode_kernel(self, kern, q, k, v, causal, scale):
         """Launch a registry decode kernel; validated and prepared once per shape (the cache
-        tensors and cache_seqlens are updated in place, so the prepared launch stays valid)."""
-        key = (kern.name, tuple(q.shape), q.dtype, causal, scale)
+        tensors and cache_seqlens are updated in place, so the prepared launch stays valid).
+        A dense, 16-byte-aligned q (a one-token step's projection, viewed (B, H, 1, D)) is read
+        where it lies and the output written to a new tensor: no copy kernel on either side.
+        Other layouts go through a prepared q buffer, and the output is cloned."""
+        direct = q.is_contiguous() and q.data_ptr() % 16 == 0
+        key = (kern.name, tuple(q.shape), q.dtype, causal, scale, direct)
         entry = self._prepared.get(key)
         if entry is None:
-            qbuf = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            qbuf = q if direct else torch.empty(q.shape, dtype=q.dtype, device=q.device)
             launch, o, _ = kern.prepare(qbuf, k, v, causal=causal, scale=scale, cache_seqlens=self.cache.cache_seqlens)
-            entry = self._prepared[key] = (qbuf, launch, o)
+            entry = self._prepared[key] = (None if direct else qbuf, launch, o)
         qbuf, launch, o = entry
+        if direct:
+            out = torch.empty_like(o)
+            launch(q, out)
+            return out
         qbuf.copy_(q)
         launch()
         return o.clone()

@@ -71,7 +71,7 @@ class Kernel:
 
     def prepare(self, q, k, v, causal=False, scale=None, cache_seqlens=None, num_splits=0, return_lse=False):
         """Validate, allocate and build once; return (launch, out, lse) where launch() only
-        enqueues the kernel. Benchmarks time launch() so no validation (and no host sync,
+        enqueues the kernel (launch(q2, o2) on tensors laid out exactly as q and out). Benchmarks time launch() so no validation (and no host sync,
         such as the cache_seqlens range check) sits inside the timed region."""
         B, H, Sq, Skv, D, _ = validate.check_qkv(q, k, v, kv_heads=1)
         self._check_call(q, D, Sq, causal, scale)
@@ -109,8 +109,12 @@ class Kernel:
         mod = self.module()
         ns = int(num_splits)
 
-        def launch():
-            mod.run(q, k, v, o, lse_arg, lens, ws, scale, causal, ns)
+        def launch(q_in=None, o_out=None):
+            # q_in / o_out: other tensors with the exact shape, dtype, device and strides of the
+            # q the kernel was prepared with (after the copies above) and of o, 16-byte aligned:
+            # the caller checks (KVCache's decode steps: a new projection and output every step).
+            mod.run(q if q_in is None else q_in, k, v, o if o_out is None else o_out, lse_arg, lens, ws, scale,
+                    causal, ns)
         return launch, o, lse
 
     def _check_call(self, q, D, Sq, causal, scale):
@@ -343,7 +347,7 @@ REGISTRY: list[Kernel] = [
            prototype="fastmqa.prototypes.tf32:mqa_flash_3xtf32", suites=("fp32",)),
     # --- decode over a KV cache ---------------------------------------------------------
     Kernel("10_decode", "decode: all heads share each K/V tile, split-KV over CTAs + combine", "decode",
-           "10_decode.cu", "08_decode", dtypes=(FP16, BF16), head_dims=(64, 128), max_sq=8,
+           "10_decode.cu", "08_decode", dtypes=(FP16, BF16), head_dims=(64, 128, 192), max_sq=8,
            workspace=_decode_workspace, returns_lse=True, paged=True,
            prototype="fastmqa.prototypes.decode:mqa_decode_splitkv", suites=("decode",)),
     # MLA: D = 576 is the latent cache (512 + 64 RoPE) passed as both k and v (one load per tile);

@@ -298,13 +298,15 @@ __global__ void __launch_bounds__(256) combine_kernel(const float* __restrict__ 
   split_weights<256>(ws_lse, rows, row, splits, w_s, stat, mx, sum);
   const int c = tid % C4, grp = tid / C4;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (G * C4 == 256 || grp < G) {  // (D = 192: 48 columns, 5 groups; the last 16 threads idle)
 #pragma unroll 8
-  for (int s = grp; s < splits; s += G) {
-    const float w = w_s[s];
-    const float4 x = reinterpret_cast<const float4*>(ws_o + (size_t(s) * rows + row) * D)[c];
-    acc.x += w * x.x; acc.y += w * x.y; acc.z += w * x.z; acc.w += w * x.w;
+    for (int s = grp; s < splits; s += G) {
+      const float w = w_s[s];
+      const float4 x = reinterpret_cast<const float4*>(ws_o + (size_t(s) * rows + row) * D)[c];
+      acc.x += w * x.x; acc.y += w * x.y; acc.z += w * x.z; acc.w += w * x.w;
+    }
+    red[grp][c] = acc;
   }
-  red[grp][c] = acc;
   __syncthreads();
   if (tid >= C4) return;
   float4 t = red[0][tid];
@@ -336,6 +338,7 @@ int by_dim(const MQAParams& p) {
   switch (p.D) {
     case 64: return launch<T, Cfg<64, FASTMQA_DECODE_STAGES, FASTMQA_DECODE_WARPS>>(p);
     case 128: return launch<T, Cfg<128, FASTMQA_DECODE_STAGES, FASTMQA_DECODE_WARPS>>(p);
+    case 192: return launch<T, Cfg<192, FASTMQA_DECODE_STAGES, FASTMQA_DECODE_WARPS>>(p);  // MLA, latent 128 + RoPE 64
     default: return FASTMQA_UNSUPPORTED;
   }
 }
