@@ -164,9 +164,23 @@ def section_decode(d, figs, plt):
 
 
 def section_layer(d, figs, plt):
-    out = ["## The layer", "", _header(d), "", "| impl | pass | B | S | ms |", "|---|---|---|---|---|"]
-    for r in d["rows"]:
-        out.append(f"| `{r['impl']}` | {r.get('pass', '-')} | {r['B']} | {r['Sq']} | {ms(r['ms'])} |")
+    out = ["## The layer", "", _header(d), "",
+           "Prefill: one causal layer over B × S tokens. The three layers are timed side by side in the same "
+           "repetitions; `vs SDPA layer` is the median over repetitions of the SDPA layer's time over ours "
+           "(> 1: ours is faster).", "",
+           "| impl | pass | B | S | ms | vs SDPA layer |", "|---|---|---|---|---|---|"]
+    for r in (r for r in d["rows"] if r["kind"] == "layer"):
+        x = r.get("x_sdpa_gqa_layer")
+        out.append(f"| `{r['impl']}` | {r.get('pass', '-')} | {r['B']} | {r['Sq']} | {ms(r['ms'])} | "
+                   f"{x[0] if x else '-'} |")
+    dec = [r for r in d["rows"] if r["kind"] == "decode"]
+    if dec:
+        out += ["", "Decode: one step (one token per sequence) of a whole layer against a cache of "
+                f"{dec[0]['Skv']} tokens, GPU time with the step's launches queued ahead.", "",
+                "| impl | attention | B | ms | tokens/s | cache bytes per token | path |", "|---|---|---|---|---|---|---|"]
+        for r in dec:
+            out.append(f"| `{r['impl']}` | {r.get('attention', '-')} | {r['B']} | {ms(r['ms'])} | "
+                       f"{r.get('tokens_per_s', '-')} | {r.get('bytes_per_token', '-')} | {r.get('path', '-')} |")
     return out
 
 
