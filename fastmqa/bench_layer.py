@@ -14,8 +14,8 @@ Two workloads, both at hidden 4096 and 32 query heads (head_dim 128):
   fastmqa.layer's rows carry x_mha and x_sdpa_gqa_layer: the median [and quartiles] of the other
   layer's time over ours per repetition (> 1: ours is faster).
 
-* decode rows (kind "decode"): one new token per sequence against a cache of 4096 tokens,
-  B = 1 ... 64, for MHA, GQA-8, MQA (torch.sdpa_gqa_layer), MQA (fastmqa.layer) and MLA
+* decode rows (kind "decode"): one new token per sequence against a cache of 4096 or 32768
+  tokens (DECODE_CONTEXTS), B = 1 ... 64, for MHA, GQA-8, MQA (torch.sdpa_gqa_layer), MQA (fastmqa.layer) and MLA
   (fastmqa.mla, absorbed: attention over the latent cache; "MLA": latent = head_dim + 64 RoPE,
   "MLA-512": DeepSeek-V2's 512 + 64). gbps is the cache bytes read per
   step / time; tokens_per_s = B / time. "path" says which attention ran (a registry decode
@@ -41,7 +41,7 @@ from .mla import MultiHeadLatentAttention
 
 HIDDEN, HEADS, DTYPE = 4096, 32, torch.bfloat16
 TOKENS = 16384                       # B * S of the prefill rows
-DECODE_CONTEXT = 4096
+DECODE_CONTEXTS = (4096, 32768)     # cache lengths of the decode rows (quick: the first)
 DECODE_WARMUP = 20                   # decode steps before timing (first calls pick kernels, allocate)
 DEVICE = "cuda"                      # a test runs the suite's plumbing on the CPU at tiny sizes
 
@@ -148,16 +148,17 @@ DECODE_LAYERS = [
 ]
 
 
-def _decode_rows(timer, batches, bar):
+def _decode_rows(timer, batches, contexts, bar):
     rows, skipped = [], []
-    D, S = HIDDEN // HEADS, DECODE_CONTEXT
+    D = HIDDEN // HEADS
     for attention, impl, make in DECODE_LAYERS:
         layer = make().to(device=DEVICE, dtype=DTYPE).eval()
-        for B in batches:
+        for S, B in ((S, B) for S in contexts for B in batches):
             try:
                 cache = KVCache.for_layer(layer, batch=B, max_seq_len=S)
             except torch.OutOfMemoryError as e:
-                skipped.append(dict(impl=impl, attention=attention, B=B, why=f"cache out of memory: {e}"))
+                skipped.append(dict(impl=impl, attention=attention, B=B, S=S, why=f"cache out of memory: {e}"))
+                bar.update()
                 continue
             for t in cache.k + cache.v:
                 if t is not None:
@@ -187,8 +188,9 @@ def suite_layer(timer, quick=False):
     """Rows of the `layer` suite (see the module docstring). Needs a CUDA GPU."""
     seqs = [512, 2048] if quick else [512, 1024, 2048, 4096, 8192]
     batches = [1, 16] if quick else [1, 4, 16, 64]
-    bar = _progress(3 * len(seqs) + len(DECODE_LAYERS) * len(batches), "layer")
+    contexts = DECODE_CONTEXTS[:1] if quick else DECODE_CONTEXTS
+    bar = _progress(3 * len(seqs) + len(DECODE_LAYERS) * len(batches) * len(contexts), "layer")
     rows, skipped = _prefill_rows(timer, seqs, bar)
-    r2, s2 = _decode_rows(timer, batches, bar)
+    r2, s2 = _decode_rows(timer, batches, contexts, bar)
     bar.close()
     return rows + r2, skipped + s2

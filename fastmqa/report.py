@@ -175,11 +175,12 @@ def section_layer(d, figs, plt):
                    f"{x[0] if x else '-'} |")
     dec = [r for r in d["rows"] if r["kind"] == "decode"]
     if dec:
-        out += ["", "Decode: one step (one token per sequence) of a whole layer against a cache of "
-                f"{dec[0]['Skv']} tokens, GPU time with the step's launches queued ahead.", "",
-                "| impl | attention | B | ms | tokens/s | cache bytes per token | path |", "|---|---|---|---|---|---|---|"]
+        out += ["", "Decode: one step (one token per sequence) of a whole layer against a cache of S tokens, "
+                "GPU time with the step's launches queued ahead.", "",
+                "| impl | attention | S | B | ms | tokens/s | cache bytes per token | path |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in dec:
-            out.append(f"| `{r['impl']}` | {r.get('attention', '-')} | {r['B']} | {ms(r['ms'])} | "
+            out.append(f"| `{r['impl']}` | {r.get('attention', '-')} | {r['Skv']} | {r['B']} | {ms(r['ms'])} | "
                        f"{r.get('tokens_per_s', '-')} | {r.get('bytes_per_token', '-')} | {r.get('path', '-')} |")
     return out
 

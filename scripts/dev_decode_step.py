@@ -1,6 +1,7 @@
 """Where a decode step of a layer goes (GPU host): per-step wall time of back-to-back steps
 (CPU-bound when the launches cannot keep ahead), the GPU time of one step (CUDA events after
-an L2 flush, as the layer suite), and torch.profiler's CPU time per op, for FastMQALayer and
+an L2 flush; and with the launches queued ahead, as the layer suite), and torch.profiler's CPU
+time per op and GPU time per kernel, for FastMQALayer and
 the SDPA-GQA MQA layer at hidden 4096, 32 heads, context 4096.
 
     python scripts/dev_decode_step.py [--batches 4,64] [--out DIR]
@@ -51,11 +52,14 @@ def main():
             torch.cuda.synchronize()
             wall_us = (time.perf_counter() - t0) / 200 * 1e6
             gpu_ms = timer(step)
+            lead_ms = timer(step, lead=True)  # the GPU's work alone (launches queued ahead)
             table = profile_table(step, 20, "self_cpu_time_total")
+            kernels = profile_table(step, 20, "self_cuda_time_total")
             rows.append(dict(B=B, impl=name, path=slot.last_path, wall_us_per_step=round(wall_us, 1),
-                             timer_ms=round(gpu_ms, 4), profile=table))
-            stamp(f"B={B} {name:22s} path={slot.last_path}: back-to-back {wall_us:7.1f} us/step, timer {gpu_ms * 1e3:7.1f} us")
-            print(table, flush=True)
+                             timer_ms=round(gpu_ms, 4), lead_ms=round(lead_ms, 4), profile=table, kernels=kernels))
+            stamp(f"B={B} {name:22s} path={slot.last_path}: back-to-back {wall_us:7.1f} us/step, timer {gpu_ms * 1e3:7.1f} us,"
+                  f" GPU alone {lead_ms * 1e3:7.1f} us")
+            print(kernels, flush=True)
             del layer, cache, slot, x
             torch.cuda.empty_cache()
     write_rows(args.out, "decode_step_dev.json", rows)

@@ -265,7 +265,7 @@ def test_bench_layer_suite_plumbing_on_cpu(monkeypatch):
     """The `layer` suite's workloads at toy sizes on the CPU, with a stand-in timer; the rows
     must pass fastmqa.bench's schema check."""
     from fastmqa import bench, bench_layer
-    for name, val in dict(DEVICE="cpu", HIDDEN=64, HEADS=8, TOKENS=64, DECODE_CONTEXT=16).items():
+    for name, val in dict(DEVICE="cpu", HIDDEN=64, HEADS=8, TOKENS=64, DECODE_CONTEXTS=(16, 32)).items():
         monkeypatch.setattr(bench_layer, name, val)
     class FakeTimer:  # runs every fn; times: ours 1 ms, the others 2, 2 and 4 ms over 3 repetitions
         calls, leads = [], []
