@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastmqa import bench, report
 
@@ -87,3 +88,31 @@ def test_every_number_in_the_chapter_is_in_the_json():
                 assert cell in allowed, f"number {cell} in book/results.md is not in results/*.json"
             checked += 1
     assert checked > 0
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_timer_side_by_side_pairs_every_fn_in_every_repetition():
+    """side_by_side: one time per fn and repetition, each a positive finite ms; the one-fn call is
+    its median; lead=True still times the fn (a spin kernel queued before the start event)."""
+    timer = bench.Timer(flush_mb=16, reps=7, warmup=1, budget_s=0.2)
+    a = torch.randn(1 << 20, device="cuda")
+    calls = {"copy": 0, "add": 0}
+
+    def copy():
+        calls["copy"] += 1
+        a.clone()
+
+    def add():
+        calls["add"] += 1
+        a.add_(1)
+    t = timer.side_by_side({"copy": copy, "add": add}, reps=5)
+    assert set(t) == {"copy", "add"} and all(len(v) == 5 for v in t.values())
+    assert all(0 < x < 1e3 for v in t.values() for x in v)
+    assert calls == {"copy": 1 + 1 + 5, "add": 1 + 1 + 5}  # warmup, probe, repetitions
+    assert 0 < timer(copy, lead=True, reps=3) < 1e3
+    pr = bench.paired_ratio(t["copy"], t["add"])
+    assert pr["q1"] <= pr["median"] <= pr["q3"]
