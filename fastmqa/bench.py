@@ -116,9 +116,10 @@ class Timer:
     and the events time the GPU's work, not the launches (what a CUDA graph would run).
     `side_by_side` times several fns in the same repetitions (paired samples)."""
 
-    def __init__(self, flush_mb=256, reps=30, warmup=3, budget_s=2.0):
+    def __init__(self, flush_mb=256, reps=30, warmup=3, budget_s=2.0, clean_flush=False):
         self.flush = torch.empty(flush_mb * 2**20 // 4, dtype=torch.float32, device="cuda")
         self.reps, self.warmup, self.budget_s = reps, warmup, budget_s
+        self.clean_flush = clean_flush  # after the write, read the buffer: L2 left holding clean lines
         self._cycles_per_ms = None
 
     def _probe(self, fns, warmup):
@@ -161,6 +162,8 @@ class Timer:
             for j in range(len(names)):
                 m = names[(i + j) % len(names)]
                 self.flush.zero_()
+                if self.clean_flush:
+                    self.flush.amax()
                 if cycles:
                     torch.cuda._sleep(cycles)
                 ev[m][i][0].record()
