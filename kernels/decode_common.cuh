@@ -361,8 +361,12 @@ int launch_split_kv(const MQAParams& p, void (*decode)(Args),
   const int tiles = max(1, (p.Skv + C::N - 1) / C::N);
   const size_t kv_bytes = size_t(p.B) * p.Skv * C::D * sizeof(T) * (kv_same ? 1 : 2);
   const int slots = SIZE_TIERS ? split_slots(p.num_sms * occ[kv_same], p.B * RB, kv_bytes) : p.num_sms * occ[kv_same];
-  const int splits = p.num_splits > 0 ? min(min(p.num_splits, tiles), MAX_SPLITS)
-                                      : choose_splits(p.B * RB, tiles, slots, MAX_SPLITS);
+  int splits = p.num_splits > 0 ? min(min(p.num_splits, tiles), MAX_SPLITS)
+                                : choose_splits(p.B * RB, tiles, slots, MAX_SPLITS);
+  // 10_decode (SIZE_TIERS): where one CTA a row block already fills 40 % of the slots and a
+  // sequence is at most 16 tiles, one split: writing and merging partials costs more than the
+  // shorter stream saves (H100, B = 64, S = 1k: 23.3 us against 25.8 with 2 splits; level at 2k).
+  if (SIZE_TIERS && p.num_splits <= 0 && splits > 1 && tiles <= 16 && 5 * p.B * RB >= 2 * slots) splits = 1;
   const size_t ws_need = size_t(splits) * p.B * M * (C::D + 1) * sizeof(float);
   if (splits > 1 && (p.workspace == nullptr || p.workspace_bytes < ws_need)) return FASTMQA_UNSUPPORTED;
   Args a{p.q, p.k, p.v, p.o, p.lse, p.seqlens, static_cast<float*>(p.workspace), nullptr,

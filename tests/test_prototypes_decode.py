@@ -124,3 +124,11 @@ def test_targets_table_checks_each_target_against_its_point():
     assert t[4, 4096]["met"] == "-" and t[4, 4096]["missed"] == "copy,sdpa,2x_sdpa"
     assert t[64, 32768]["met"] == "of_copy,sdpa" and t[64, 32768]["target_2x_us"] is None
     assert t[16, 32768]["missed"] == "of_copy,sdpa"
+
+
+def test_decode_splits_takes_one_split_for_short_caches_at_large_batch():
+    kv = lambda B, S: B * S * 128 * 2 * 2
+    assert decode.decode_splits(64, 16, 132, kv(64, 1024)) == 1     # B=64, S=1k: no partials to merge
+    assert decode.decode_splits(64, 32, 132, kv(64, 2048)) == 2     # S=2k: two splits, as choose_splits
+    assert decode.decode_splits(16, 16, 132, kv(16, 1024)) == decode.choose_splits(16, 16, 132) > 1
+    assert decode.decode_splits(1, 16, 132, kv(1, 1024)) == 16
