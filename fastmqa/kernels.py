@@ -71,8 +71,9 @@ class Kernel:
 
     def prepare(self, q, k, v, causal=False, scale=None, cache_seqlens=None, num_splits=0, return_lse=False):
         """Validate, allocate and build once; return (launch, out, lse) where launch() only
-        enqueues the kernel (launch(q2, o2) on tensors laid out exactly as q and out). Benchmarks time launch() so no validation (and no host sync,
-        such as the cache_seqlens range check) sits inside the timed region."""
+        enqueues the kernel (launch(q2, o2): on other tensors laid out exactly as q and out).
+        Benchmarks time launch() so no validation (and no host sync, such as the cache_seqlens
+        range check) sits inside the timed region."""
         B, H, Sq, Skv, D, _ = validate.check_qkv(q, k, v, kv_heads=1)
         self._check_call(q, D, Sq, causal, scale)
         validate.check_index_range(B, H, Sq, Skv, D)
