@@ -183,14 +183,16 @@ def paired_ratio(num, den):
     return dict(median=statistics.median(r), q1=q[0], q3=q[2])
 
 
+def copy_ceiling(timer: Timer) -> float:
+    """Device copy bandwidth in GB/s (bytes read + written) of a 1 GiB copy, timed by `timer`."""
+    a = torch.empty(1 << 28, dtype=torch.float32, device="cuda").normal_()
+    b = torch.empty_like(a)
+    return 2 * a.numel() * 4 / timer(lambda: b.copy_(a), reps=10) / 1e6
+
+
 def measure_ceilings(timer: Timer) -> dict:
     """Device copy bandwidth (bytes read + written) and matmul rates, measured now."""
-    n = 1 << 28  # 1 GiB of fp32
-    a = torch.empty(n, dtype=torch.float32, device="cuda").normal_()
-    b = torch.empty_like(a)
-    ms = timer(lambda: b.copy_(a), reps=10)
-    copy_gbps = 2 * a.numel() * 4 / ms / 1e6
-    del a, b
+    copy_gbps = copy_ceiling(timer)
     m = 8192
     x = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
