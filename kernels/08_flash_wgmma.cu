@@ -56,12 +56,15 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const T* src, int j0, in
 // Both kernels' epilogue for one warp: its 16 rows of O from row w16 of the block's tile on (l
 // summed over the quad, normalised; a row that saw no key gives zeros and lse = -inf), staged in
 // the same rows of the swizzled tile at `tile` (the block's Q tile, no longer read), then written
-// by 16-byte coalesced stores of whole rows; the lse of each row.
-template <typename T, int D>
+// by 16-byte coalesced stores of whole rows; the lse of each row. hp: 0 if the block's rows are
+// packed i-major (row m0 + r is head (m0 + r) % H), else the positions a block holds, its rows
+// h-major (row r is head r / hp), as Q's TMA box lays them out. STAGE: O is left staged (the
+// caller stores the tile by TMA).
+template <typename T, int D, bool STAGE = false>
 __device__ __forceinline__ void store_rows(const float (&acc_o)[D / 2], const float (&m_run)[2], const float (&l_run)[2],
                                            uint32_t tile, int w16, int lane, const long long* row_o, const int* row_i,
                                            T* __restrict__ o, float* __restrict__ lse, int b, int m0, int H, int Sq,
-                                           float scale) {
+                                           float scale, int hp = 0) {
   const int g = lane >> 2, tq = lane & 3;
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
@@ -73,10 +76,11 @@ __device__ __forceinline__ void store_rows(const float (&acc_o)[D / 2], const fl
       const uint32_t val = Mma<T>::pack(acc_o[4 * n + 2 * hf] * inv, acc_o[4 * n + 2 * hf + 1] * inv);
       asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(tile + sw128<BM>(r, n) + tq * 4), "r"(val));
     }
-    const int m = m0 + r, i = row_i[r];
-    if (lse && tq == 0 && m < H * Sq)
-      lse[((size_t)b * H + (m - i * H)) * Sq + i] = l != 0.f ? m_run[hf] * scale + logf(l) : -INFINITY;
+    const int m = m0 + r, i = row_i[r], h = hp ? r / hp : m - i * H;
+    if (lse && tq == 0 && (hp ? i < Sq : m < H * Sq))
+      lse[((size_t)b * H + h) * Sq + i] = l != 0.f ? m_run[hf] * scale + logf(l) : -INFINITY;
   }
+  if (STAGE) return;
   __syncwarp();
   constexpr int CH = D / 8;
 #pragma unroll
@@ -269,22 +273,32 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
 // in turn), so one warpgroup's softmax falls under the other's products.
 constexpr int WS_NT = 3 * 128;
 
-template <typename T, int D, int BN, bool OVERLAP, bool PINGPONG, bool PERSIST, bool FAST, int NSTAGE>
+template <typename T, int D, int BN, bool OVERLAP, bool PINGPONG, bool PERSIST, bool FAST, int NSTAGE, bool TMAQ,
+          bool TMAO>
 __global__ void __launch_bounds__(WS_NT, 1)
 mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                     T* __restrict__ o, float* __restrict__ lse, int B, int H, int Sq, int Skv, float scale,
                     int causal, const Strides qs, const Strides os, const __grid_constant__ CUtensorMap tm_k,
-                    const __grid_constant__ CUtensorMap tm_v) {
+                    const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_q,
+                    const __grid_constant__ CUtensorMap tm_o) {
   using C = Cfg<D, BN>;
   extern __shared__ unsigned char smem_raw[];
   __shared__ long long row_o[BM];
   __shared__ int row_i[BM];
-  __shared__ __align__(8) uint64_t bars[4 * NSTAGE];  // full K, full V, empty K, empty V: NSTAGE each
+  // full K, full V, empty K, empty V: NSTAGE each; TMAQ: full Q, empty Q: one per Q tile
+  __shared__ __align__(8) uint64_t bars[4 * NSTAGE + (TMAQ ? 4 : 0)];
   // PERSIST: two Q tiles, the next item's rows load while this one's are in use.
   const uint32_t sQ = (smem_u32(smem_raw) + 1023) & ~1023u;
   const uint32_t sK0 = sQ + (PERSIST ? 2 : 1) * C::Q_BYTES, sV0 = sK0 + NSTAGE * C::KV_BYTES;
   const uint32_t fullK = smem_u32(&bars[0]), fullV = fullK + 8 * NSTAGE, emptyK = fullV + 8 * NSTAGE,
-                 emptyV = emptyK + 8 * NSTAGE;
+                 emptyV = emptyK + 8 * NSTAGE, fullQ = emptyV + 8 * NSTAGE, emptyQ = fullQ + 16;
+  // TMAQ: Q comes by TMA, one box per 64-column atom holding every head of P = BM / H query
+  // positions (H divides BM), rows h-major; the producer loads item n's Q into tile n % 2 once the
+  // consumers are done with item n - 2 (its epilogue staged O there), on Q's own mbarriers.
+  // TMAO (with TMAQ, H >= 2): each consumer warpgroup stores its 64 staged rows of O (P positions
+  // of 64 / P heads) by TMA; one thread issues the store and hands the tile back (empty Q, one
+  // arrival a warpgroup) once the store has read it, after it issued the next item's first product.
+  const int P = TMAQ ? BM / H : 1;
   // The u-th tile a block streams (over all its items) sits in stage u % NSTAGE, that stage's
   // (u / NSTAGE)-th use: its barriers' phase parity.
   auto stage = [](int u) { return u % NSTAGE; };
@@ -299,6 +313,12 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     for (int i = 0; i < 2 * NSTAGE; ++i) mbar_init(fullK + 8 * i, 1);  // the producer's arrive + bytes
 #pragma unroll
     for (int i = 2 * NSTAGE; i < 4 * NSTAGE; ++i) mbar_init(fullK + 8 * i, 8);  // one arrival per consumer warp
+    if (TMAQ) {
+      mbar_init(fullQ, 1);
+      mbar_init(fullQ + 8, 1);
+      mbar_init(emptyQ, TMAO ? 2 : 8);
+      mbar_init(emptyQ + 8, TMAO ? 2 : 8);
+    }
     mbar_fence_init();
   }
   __syncthreads();
@@ -307,8 +327,16 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     setmaxnreg_dec<24>();
     if (tid == 0) {
       int u = 0;  // tiles loaded so far
-      for (int w = w0; w < n_items; w += dw) {
+      for (int w = w0, item = 0; w < n_items; w += dw, ++item) {
         const FlashBlock<BM, BN> blk(B, H, Sq, Skv, causal, w);
+        if (TMAQ) {  // the item's Q into tile item % 2, after item - 2's epilogue
+          const int qt = item & 1;
+          if (item >= 2) mbar_wait(emptyQ + 8 * qt, ((item >> 1) - 1) & 1);
+          mbar_arrive_expect_tx(fullQ + 8 * qt, C::Q_BYTES);
+#pragma unroll
+          for (int a = 0; a < D / 64; ++a)
+            tma_load_4d(sQ + qt * C::Q_BYTES + a * BM * 128, &tm_q, a * 64, blk.m0 / H, 0, blk.b, fullQ + 8 * qt);
+        }
         for (int t = 0; t < blk.n_tiles; ++t, ++u) {
           const int st = stage(u);
           const uint32_t buf = st * C::KV_BYTES, ph = parity(u) ^ 1;  // tile u - NSTAGE's release
@@ -408,7 +436,15 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 
   if (PINGPONG && c == 1) named_arrive(1, 256);
   int u0 = 0;  // tiles consumed before this item (the producer's count)
-  if (PERSIST && w0 < n_items) load_q(FlashBlock<BM, BN>(B, H, Sq, Skv, causal, w0), sQ);
+  int staged = -1;  // TMAO: the Q tile whose O store thread lt == 0 has yet to see read
+  auto release_staged = [&] {
+    if (TMAO && lt == 0 && staged >= 0) {
+      bulk_wait_read<0>();
+      mbar_arrive(emptyQ + 8 * staged);
+    }
+    staged = -1;
+  };
+  if (PERSIST && !TMAQ && w0 < n_items) load_q(FlashBlock<BM, BN>(B, H, Sq, Skv, causal, w0), sQ);
   for (int w = w0, item = 0; w < n_items; w += dw, ++item) {
     const FlashBlock<BM, BN> blk(B, H, Sq, Skv, causal, w);
     const int b = blk.b, m0 = blk.m0, off = blk.off, n_tiles = blk.n_tiles;
@@ -416,12 +452,20 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     q_rows = sQn + c * 64 * 128;
     mask_from = blk.mask_from;
     named_sync(3 + c, 128);  // the warpgroup is done with the last item (its epilogue, its rows)
-    if (lt < 64) {
+    if (TMAQ) {
+      if (lt < 64) {  // rows h-major: row r is position m0 / H + r % P of head r / P
+        const int r = c * 64 + lt, i = m0 / H + r % P, h = r / P;
+        row_o[r] = i < Sq ? b * os.b + h * os.h + i * os.s : -1;
+        row_i[r] = i;
+      }
+      mbar_wait(fullQ + 8 * (item & 1), (item >> 1) & 1);  // this item's Q landed
+    } else if (lt < 64) {
       const int r = c * 64 + lt, row = m0 + r, i = row / H, h = row % H;
       row_o[r] = row < H * Sq ? b * os.b + h * os.h + i * os.s : -1;
       row_i[r] = i;
     }
-    if (!PERSIST) {
+    if (TMAQ) {
+    } else if (!PERSIST) {
       load_q(blk, sQn);
       cp_async_wait_all();
     } else if (w + dw < n_items) {  // the next item's Q into the other tile, under this item
@@ -430,7 +474,7 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     } else {
       cp_async_wait_all();
     }
-    fence_async_shared();  // this item's Q, visible to the tensor cores
+    if (!TMAQ) fence_async_shared();  // this item's Q (cp.async), visible to the tensor cores
     named_sync(3 + c, 128);
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
@@ -449,6 +493,7 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
         wgmma_fence();
         issue_s(u0);
         turn_end();
+        release_staged();  // (TMAO) under the product
         wgmma_wait<0>();
         release(emptyK + 8 * stage(u0));
         softmax(0);
@@ -502,17 +547,42 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     u0 += n_tiles;
 
     // Epilogue: each warp stages its own 16 rows in this item's Q tile, then whole-row stores.
-    store_rows<T, D>(acc_o, m_run, l_run, sQn, cw * 16, lane, row_o, row_i, o, lse, b, m0, H, Sq, scale);
+    release_staged();  // (TMAO: no product issued this item)
+    store_rows<T, D, TMAO>(acc_o, m_run, l_run, sQn, cw * 16, lane, row_o, row_i, o, lse, b, m0, H, Sq, scale,
+                           TMAQ ? P : 0);
+    if (TMAO) {  // the warpgroup's rows staged (visible to TMA), then one thread stores them
+      fence_async_shared();
+      named_sync(3 + c, 128);
+      if (lt == 0) {
+#pragma unroll
+        for (int a = 0; a < D / 64; ++a) tma_store_4d(&tm_o, sQn + a * BM * 128 + c * 64 * 128, a * 64, m0 / H, c * (64 / P), b);
+        bulk_commit();
+      }
+      staged = item & 1;
+    } else if (TMAQ) {  // the tile may take item + 2's Q (TMA writes: order this warp's accesses first)
+      fence_async_shared();
+      release(emptyQ + 8 * (item & 1));
+    }
   }
+  if (TMAO && lt == 0) bulk_wait<0>();  // the last stores complete
   if (PINGPONG && c == 0) named_sync(1, 256);  // consumer 1's first arrival
 }
 
-template <typename T, int D, int BN, bool OVERLAP, bool PINGPONG, bool PERSIST = false, bool FAST = false, int NSTAGE = 2>
+template <typename T, int D, int BN, bool OVERLAP, bool PINGPONG, bool PERSIST = false, bool FAST = false, int NSTAGE = 2,
+          bool TMAQ = false, bool TMAO = false>
 int launch_ws(const MQAParams& p) {
-  CUtensorMap tm_k{}, tm_v{};
+  CUtensorMap tm_k{}, tm_v{}, tm_q{}, tm_o{};
   if (!(make_tmap_bsd(&tm_k, p.k, p.B, p.Skv, D, BN) && make_tmap_bsd(&tm_v, p.v, p.B, p.Skv, D, BN)))
     return FASTMQA_UNSUPPORTED;
-  auto kern = mqa_flash_ws_kernel<T, D, BN, OVERLAP, PINGPONG, PERSIST, FAST, NSTAGE>;
+  if constexpr (TMAQ) {  // Q by TMA where H divides the block's rows and q's strides suit TMA; else by cp.async
+    if (BM % p.H != 0 || !make_tmap_q(&tm_q, p.q, p.B, p.H, p.Sq, D, p.q_sb, p.q_sh, p.q_ss, BM / p.H, p.H))
+      return launch_ws<T, D, BN, OVERLAP, PINGPONG, PERSIST, FAST, NSTAGE, false>(p);
+  }
+  if constexpr (TMAO) {  // O by TMA where a warpgroup's 64 rows are whole heads (H >= 2); else stores
+    if (p.H < 2 || !make_tmap_q(&tm_o, p.o, p.B, p.H, p.Sq, D, p.o_sb, p.o_sh, p.o_ss, BM / p.H, 64 / (BM / p.H)))
+      return launch_ws<T, D, BN, OVERLAP, PINGPONG, PERSIST, FAST, NSTAGE, TMAQ, false>(p);
+  }
+  auto kern = mqa_flash_ws_kernel<T, D, BN, OVERLAP, PINGPONG, PERSIST, FAST, NSTAGE, TMAQ, TMAO>;
   int grid = 0;
   if (PERSIST) {
     int dev = 0, sms = 0;
@@ -522,7 +592,7 @@ int launch_ws(const MQAParams& p) {
   }
   using C = Cfg<D, BN>;  // Cfg::SMEM counts one Q tile and 2 stages
   return launch_flash<T, BM, WS_NT>(kern, C::SMEM + (PERSIST ? C::Q_BYTES : 0) + (NSTAGE - 2) * 2 * C::KV_BYTES, p, grid,
-                                    tm_k, tm_v);
+                                    tm_k, tm_v, tm_q, tm_o);
 }
 
 template <typename T, int D, int BN, int MINB, bool TMA = false>
@@ -557,7 +627,10 @@ int by_dim(const MQAParams& p, int cfg) {
 // The warp-specialised kernel, one idea at a time (scripts/dev_wgmma.py --cfgs, dev_ws_time.py;
 // results/ws_dev*.json, ws_time_dev.json): 5 = producer + 2 consumers, 128-key tiles; 6 = + the
 // intra-warpgroup overlap; 7 = + ping-pong; 10 = 7 persistent (one block an SM, the next item's Q
-// loaded under this one); 11 = 7 with quad_softmax's FAST exponent; 12 = 10 + 11, the dispatched one.
+// loaded under this one); 11 = 7 with quad_softmax's FAST exponent; 12 = 10 + 11; 13 = 12 with Q by
+// TMA (the producer loads each item's rows, h-major, on Q's own mbarriers); 14 = 13 with O stored
+// by TMA, the dispatched one at D = 128 (each falls back to the one before where H does not divide
+// the block's 128 rows, H = 1 for O, or q's / o's strides do not suit TMA).
 template <typename T, int D>
 int ws_cfg(const MQAParams& p, int cfg) {
   switch (cfg) {
@@ -567,13 +640,19 @@ int ws_cfg(const MQAParams& p, int cfg) {
     case 10: return launch_ws<T, D, 128, true, true, true>(p);
     case 11: return launch_ws<T, D, 128, true, true, false, true>(p);
     case 12: return launch_ws<T, D, 128, true, true, true, true>(p);
+    case 13: return launch_ws<T, D, 128, true, true, true, true, 2, true>(p);
+    case 14: return launch_ws<T, D, 128, true, true, true, true, 2, true, true>(p);
     default: return FASTMQA_UNSUPPORTED;
   }
 }
 // Measured (results/ws_time_dev.json, 3 alternating rounds): at D = 128 cfg 12 is 1.06-1.14x the
 // two-CTA kernel once a row sees >= 1024 keys on average (non-causal S >= 1024, causal S >= 4096;
-// level at causal 2048), 0.85-0.98x on shorter rows, where one block an SM cannot hide its
-// prologue and epilogue; at D = 64 the two-CTA kernel stays ahead (0.81-0.99x).
+// level at causal 2048), 0.85-0.98x on shorter rows. Session 11 (scripts/dev_short_rows.py,
+// paired repetitions; results/short_rows_dev.json): the consumers' Q gather (cp.async, address
+// arithmetic a 16-byte chunk) and O stores were the short rows' cost; with both by TMA (cfg 14)
+// D = 128 is 1.02-1.20x the two-CTA kernel at every length (0.89-1.05x cuDNN), so it takes
+// every D = 128 call; at D = 64 the two-CTA kernel stays ahead (cfg 14 0.74-0.79x cuDNN at S = 512
+// against its 0.87-0.91x).
 template <typename T>
 int by_dim(const MQAParams& p) {
   if (p.num_splits >= 5) {
@@ -581,10 +660,9 @@ int by_dim(const MQAParams& p) {
     if (p.D == 64) return ws_cfg<T, 64>(p, p.num_splits);
     return FASTMQA_UNSUPPORTED;
   }
-  const long long avg_keys = p.causal ? (long long)p.Skv - p.Sq / 2 : p.Skv;  // keys a row sees on average
-  if (p.num_splits == 0 && p.D == 128 && avg_keys >= 1024) {
-    const int r = ws_cfg<T, 128>(p, 12);
-    if (r != FASTMQA_UNSUPPORTED) return r;  // else (no tensor map) the two-CTA kernel below
+  if (p.num_splits == 0 && p.D == 128) {
+    const int r = ws_cfg<T, 128>(p, 14);
+    if (r != FASTMQA_UNSUPPORTED) return r;  // else (no tensor map for K, V) the two-CTA kernel below
   }
   return p.num_splits == 4 ? by_dim<T, false>(p, 0) : by_dim<T, true>(p, p.num_splits);
 }

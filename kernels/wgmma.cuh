@@ -64,10 +64,34 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* tm,
       ::"r"(dst), "l"(tm), "r"(c0), "r"(c1), "r"(c2), "r"(bar) : "memory");
 }
 
-// Host: the tensor map of a (B, S, D) tensor of 16-bit elements read in boxes of R rows x 64
-// columns (one 64-column atom of sw128<R>), 128-byte swizzle, rows past S zero-filled. False if
-// the driver cannot make one (the caller falls back to cp.async).
-inline bool make_tmap_bsd(CUtensorMap* tm, const void* base, int B, int S, int D, int R) {
+// The same for a 4-D box (q's (D, S, H, B) dims: 08's warp-specialised kernel reads a block's Q
+// rows, every head of a few query positions, as one box per 64-column atom).
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* tm, int c0, int c1, int c2, int c3,
+                                            uint32_t bar) {
+  FASTMQA_SM90A_ASM(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+      ::"r"(dst), "l"(tm), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar) : "memory");
+}
+
+// TMA store: the box at coordinates {c0, .., c3} of the tensor map's tensor from shared memory at
+// src (the same 128-byte swizzle), in a bulk group of the issuing thread; commit closes the group,
+// wait_read<N> waits until at most N of its groups still read shared memory (the source may then be
+// reused), wait<N> until at most N are incomplete. Boxes past the tensor's edge are clipped.
+__device__ __forceinline__ void tma_store_4d(const CUtensorMap* tm, uint32_t src, int c0, int c1, int c2, int c3) {
+  FASTMQA_SM90A_ASM("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n"
+                    ::"l"(tm), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(src) : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { FASTMQA_SM90A_ASM("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() { FASTMQA_SM90A_ASM("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory"); }
+template <int N>
+__device__ __forceinline__ void bulk_wait() { FASTMQA_SM90A_ASM("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// Host: cuTensorMapEncodeTiled for a tensor of 16-bit elements: `rank` dims (innermost first), the
+// byte strides of dims 1.., a box of `box` elements per dim, 128-byte swizzle, elements outside the
+// tensor read as zeros. False if the driver cannot make one (the caller falls back to cp.async).
+inline bool make_tmap_u16(CUtensorMap* tm, const void* base, int rank, const cuuint64_t* dims,
+                          const cuuint64_t* strides, const cuuint32_t* box) {
   using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                               const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                               CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
@@ -80,12 +104,32 @@ inline bool make_tmap_bsd(CUtensorMap* tm, const void* base, int B, int S, int D
       return false;
     encode = reinterpret_cast<Encode>(fn);
   }
-  const cuuint64_t dims[3] = {(cuuint64_t)D, (cuuint64_t)S, (cuuint64_t)B};
-  const cuuint64_t strides[2] = {(cuuint64_t)D * 2, (cuuint64_t)S * D * 2};  // bytes, dims 1 and 2
-  const cuuint32_t box[3] = {64, (cuuint32_t)R, 1}, unit[3] = {1, 1, 1};
-  return encode(tm, CU_TENSOR_MAP_DATA_TYPE_UINT16, 3, const_cast<void*>(base), dims, strides, box, unit,
+  const cuuint32_t unit[4] = {1, 1, 1, 1};
+  return encode(tm, CU_TENSOR_MAP_DATA_TYPE_UINT16, rank, const_cast<void*>(base), dims, strides, box, unit,
                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Host: the tensor map of a (B, S, D) tensor of 16-bit elements read in boxes of R rows x 64
+// columns (one 64-column atom of sw128<R>), rows past S zero-filled.
+inline bool make_tmap_bsd(CUtensorMap* tm, const void* base, int B, int S, int D, int R) {
+  const cuuint64_t dims[3] = {(cuuint64_t)D, (cuuint64_t)S, (cuuint64_t)B};
+  const cuuint64_t strides[2] = {(cuuint64_t)D * 2, (cuuint64_t)S * D * 2};  // bytes, dims 1 and 2
+  const cuuint32_t box[3] = {64, (cuuint32_t)R, 1};
+  return make_tmap_u16(tm, base, 3, dims, strides, box);
+}
+
+// Host: the tensor map of q (or o) viewed as (D, S, H, B) with element strides (1, ss, sh, sb), in
+// boxes of 64 columns x P positions x NH heads: a block's rows h-major (row h P + p is position
+// i0 + p of head h), positions past S zero-filled (a store clips them). False if the strides do not suit TMA (16-byte
+// multiples) or the driver cannot make one.
+inline bool make_tmap_q(CUtensorMap* tm, const void* base, int B, int H, int S, int D, long long sb, long long sh,
+                        long long ss, int P, int NH) {
+  if ((sb * 2) % 16 || (sh * 2) % 16 || (ss * 2) % 16 || reinterpret_cast<uintptr_t>(base) % 16) return false;
+  const cuuint64_t dims[4] = {(cuuint64_t)D, (cuuint64_t)S, (cuuint64_t)H, (cuuint64_t)B};
+  const cuuint64_t strides[3] = {(cuuint64_t)ss * 2, (cuuint64_t)sh * 2, (cuuint64_t)sb * 2};
+  const cuuint32_t box[4] = {64, (cuuint32_t)P, (cuuint32_t)NH, 1};
+  return make_tmap_u16(tm, base, 4, dims, strides, box);
 }
 
 template <typename T, int N> struct Wgmma;

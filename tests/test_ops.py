@@ -451,11 +451,12 @@ needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 @needs_sm90
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal,Sq,Skv", [(False, 70, 1100), (True, 300, 2500), (True, 2049, 2049),
-                                           (False, 1, 1500), (True, 5, 3000)])
-def test_gpu_wgmma_long_rows_take_the_warp_specialised_path(dtype, causal, Sq, Skv):
-    """Rows that see >= 1024 keys on average at D = 128 run the warp-specialised kernel (cfg 12,
-    the registry's `paths`): the default call equals the forced path bitwise, and both meet
-    the tolerance rule, lse included, with q and o through strides (a (B, S, H, D) projection)."""
+                                           (False, 1, 1500), (True, 5, 3000),
+                                           (True, 77, 77), (False, 513, 513)])
+def test_gpu_wgmma_d128_takes_the_warp_specialised_path(dtype, causal, Sq, Skv):
+    """D = 128 runs the warp-specialised kernel with Q and O by TMA (cfg 14): the default call
+    equals the forced path bitwise, and both meet the tolerance rule, lse included, with q and o
+    through strides (a (B, S, H, D) projection); so does cfg 12 (Q by cp.async, O by stores)."""
     wg = kernels.get("08_flash_wgmma")
     B, H, D = 2, 4, 128
     g = torch.Generator(device="cuda").manual_seed(Skv)
@@ -463,8 +464,10 @@ def test_gpu_wgmma_long_rows_take_the_warp_specialised_path(dtype, causal, Sq, S
     k = torch.randn(B, 1, Skv, D, device="cuda", dtype=dtype, generator=g)
     v = torch.randn(B, 1, Skv, D, device="cuda", dtype=dtype, generator=g)
     o, lse = wg(q, k, v, causal=causal, return_lse=True)
+    o14, lse14 = wg(q, k, v, causal=causal, return_lse=True, num_splits=14)
+    assert torch.equal(o, o14) and torch.equal(lse, lse14)
     o12, lse12 = wg(q, k, v, causal=causal, return_lse=True, num_splits=12)
-    assert torch.equal(o, o12) and torch.equal(lse, lse12)
+    assert torch.equal(o, o12) and torch.equal(lse, lse12)  # same arithmetic, other data movement
     check.assert_close(o, q, k, v, causal=causal, what="08_flash_wgmma (warp-specialised)")
     why = check_lse(lse, q, k, v, causal, None, None)  # the rule again, for the log-sum-exp
     assert why is None, why
@@ -472,12 +475,12 @@ def test_gpu_wgmma_long_rows_take_the_warp_specialised_path(dtype, causal, Sq, S
 
 @gpu
 @needs_sm90
-def test_gpu_wgmma_paths_agree_with_the_two_cta_kernel_on_short_rows():
-    """On short rows the default is the two-CTA kernel; the forced warp-specialised path (every
-    cfg of the ladder) meets the same rule there, including rows past the last tile."""
+def test_gpu_wgmma_paths_meet_the_rule_on_short_rows():
+    """On short rows every cfg of the warp-specialised ladder and the two-CTA kernel (cfg 2, the
+    default at D = 64) meet the rule, including rows past the last tile."""
     wg = kernels.get("08_flash_wgmma")
     q, k, v = qkv(B=3, H=32, Sq=77, Skv=333, D=128, dtype=torch.bfloat16, device="cuda", seed=5)
     for causal in (False, True):
-        for cfg in (5, 6, 7, 10, 11, 12):
+        for cfg in (2, 5, 6, 7, 10, 11, 12, 13, 14):
             check.assert_close(wg(q, k, v, causal=causal, num_splits=cfg), q, k, v, causal=causal,
                                what=f"08_flash_wgmma cfg {cfg}")
