@@ -337,7 +337,7 @@ REGISTRY: list[Kernel] = [
            backward="07_flash_bwd.cu", strided_q=True,
            backward_prototype="fastmqa.prototypes.flash_bwd:mqa_flash_bwd",
            prototype="fastmqa.prototypes.flash:mqa_flash_tiled", suites=("prefill",)),
-    Kernel("08_flash_wgmma", "Hopper: wgmma from shared-memory descriptors; long rows warp-specialised (sm_90a)",
+    Kernel("08_flash_wgmma", "Hopper: wgmma from shared-memory descriptors; D = 128 warp-specialised, Q and O by TMA (sm_90a)",
            "prefill", "08_flash_wgmma.cu", "07_tensor_cores", dtypes=(FP16, BF16), returns_lse=True,
            strided_q=True, arch=(9, 0), paths=(2, 12, 13), backward="12_flash_bwd_wgmma.cu",
            backward_prototype="fastmqa.prototypes.flash_bwd:mqa_flash_bwd",
