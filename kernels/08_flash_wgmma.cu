@@ -204,10 +204,11 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
 
     // S = Q K^T: (64, BN) per warpgroup; k-step ks reads 16 columns (32 bytes) of a 64-column atom.
     wgmma_fence();
+    const GmmaBase dq(q_rows, 16, 1024), dk(sK, 16, 1024);
 #pragma unroll
     for (int ks = 0; ks < C::KS; ++ks) {
-      const uint64_t da = gmma_desc(q_rows + (ks >> 2) * (BM * 128) + (ks & 3) * 32, 16, 1024);
-      const uint64_t db = gmma_desc(sK + (ks >> 2) * (BN * 128) + (ks & 3) * 32, 16, 1024);
+      const uint64_t da = dq.at((ks >> 2) * (BM * 128) + (ks & 3) * 32);
+      const uint64_t db = dk.at((ks >> 2) * (BN * 128) + (ks & 3) * 32);
       Wgmma<T, BN>::ss(s, da, db, ks > 0);
     }
     wgmma_commit();
@@ -248,9 +249,10 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
     }
     // O += P V: k-step kk is keys 16kk .. 16kk+15 (16 rows of 128 bytes in every atom of V).
     wgmma_fence();
+    const GmmaBase dv(sV, BN * 128, 1024);
 #pragma unroll
     for (int kk = 0; kk < C::KP; ++kk)
-      Wgmma<T, D>::rs(acc_o, pa[kk], gmma_desc(sV + kk * 16 * 128, BN * 128, 1024), 1);
+      Wgmma<T, D>::rs(acc_o, pa[kk], dv.at(kk * 16 * 128), 1);
     wgmma_commit();
     wgmma_wait<0>();
   }
@@ -372,19 +374,21 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   auto turn_end = [&] { if (PINGPONG) named_arrive(2 - c, 256); };
   auto issue_s = [&](int u) {
     const uint32_t sK = sK0 + stage(u) * C::KV_BYTES;
+    const GmmaBase dq(q_rows, 16, 1024), dk(sK, 16, 1024);
 #pragma unroll
     for (int ks = 0; ks < C::KS; ++ks) {
-      const uint64_t da = gmma_desc(q_rows + (ks >> 2) * (BM * 128) + (ks & 3) * 32, 16, 1024);
-      const uint64_t db = gmma_desc(sK + (ks >> 2) * (BN * 128) + (ks & 3) * 32, 16, 1024);
+      const uint64_t da = dq.at((ks >> 2) * (BM * 128) + (ks & 3) * 32);
+      const uint64_t db = dk.at((ks >> 2) * (BN * 128) + (ks & 3) * 32);
       Wgmma<T, BN>::ss(s, da, db, ks > 0);
     }
     wgmma_commit();
   };
   auto issue_pv = [&](int u) {
     const uint32_t sV = sV0 + stage(u) * C::KV_BYTES;
+    const GmmaBase dv(sV, BN * 128, 1024);
 #pragma unroll
     for (int kk = 0; kk < C::KP; ++kk)
-      Wgmma<T, D>::rs(acc_o, pa[kk], gmma_desc(sV + kk * 16 * 128, BN * 128, 1024), 1);
+      Wgmma<T, D>::rs(acc_o, pa[kk], dv.at(kk * 16 * 128), 1);
     wgmma_commit();
   };
   auto release = [&](uint32_t bar) {  // this warp is done reading the stage's buffer

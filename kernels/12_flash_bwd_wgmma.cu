@@ -60,10 +60,11 @@ struct WgmmaProducts {
 #pragma unroll
     for (int e = 0; e < 32; ++e) d[e] = 0.f;  // defined before the products (else ptxas copies one and serialises them)
     wgmma_fence();
+    const GmmaBase dx(x, 16, 1024), dy(y, 16, 1024);
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {  // k-step ks: 16 columns (32 bytes) of a 64-column atom
       const uint32_t at = (ks >> 2) * (64 * 128) + (ks & 3) * 32;
-      Wgmma<T, 64>::ss(d, gmma_desc(x + at, 16, 1024), gmma_desc(y + at, 16, 1024), ks > 0);
+      Wgmma<T, 64>::ss(d, dx.at(at), dy.at(at), ks > 0);
     }
     wgmma_commit();
     if (FASTMQA_BWD_SYNC) wgmma_wait<0>();
@@ -81,8 +82,9 @@ struct WgmmaProducts {
       a[kk][3] = Mma<T>::pack(p[2 * kk + 1][2], p[2 * kk + 1][3]);
     }
     wgmma_fence();
+    const GmmaBase dy(y, 64 * 128, 1024);
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) Wgmma<T, D>::rs(d, a[kk], gmma_desc(y + kk * 16 * 128, 64 * 128, 1024), 1);
+    for (int kk = 0; kk < 4; ++kk) Wgmma<T, D>::rs(d, a[kk], dy.at(kk * 16 * 128), 1);
     wgmma_commit();
     if (FASTMQA_BWD_SYNC) wgmma_wait<0>();
   }

@@ -46,6 +46,23 @@ __device__ __forceinline__ uint64_t gmma_desc(uint32_t saddr, uint32_t lbo, uint
   return (uint64_t)((saddr & 0x3FFFF) >> 4) | ((uint64_t)((lbo & 0x3FFFF) >> 4) << 16) |
          ((uint64_t)((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
 }
+// A tile's descriptors differ only in the start address: GmmaBase builds the fields once, and
+// at(bytes) is the descriptor of saddr + bytes with one 32-bit add to the address field, where
+// gmma_desc would mask, shift and or again for every k-step (shared addresses stay below 2^18,
+// so the 14-bit field cannot carry into the next one). FASTMQA_GMMA_ADD=0 keeps gmma_desc
+// (the comparison build of session 11).
+#ifndef FASTMQA_GMMA_ADD
+#define FASTMQA_GMMA_ADD 1
+#endif
+struct GmmaBase {
+  uint32_t saddr, lo, hi;
+  __device__ __forceinline__ GmmaBase(uint32_t a, uint32_t lbo, uint32_t sbo)
+      : saddr(a), lo(((a & 0x3FFFF) >> 4) | (((lbo & 0x3FFFF) >> 4) << 16)), hi(((sbo & 0x3FFFF) >> 4) | (1u << 30)) {}
+  __device__ __forceinline__ uint64_t at(uint32_t bytes) const {
+    if (!FASTMQA_GMMA_ADD) return gmma_desc(saddr + bytes, (lo >> 16) << 4, (hi & 0x3FFF) << 4);
+    return ((uint64_t)hi << 32) | (uint32_t)(lo + (bytes >> 4));
+  }
+};
 // Before the first wgmma, and whenever its accumulator or A registers were written by other code.
 __device__ __forceinline__ void wgmma_fence() { FASTMQA_SM90A_ASM("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { FASTMQA_SM90A_ASM("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }

@@ -2,7 +2,8 @@
 then time them side by side (paired repetitions, own L2 flush each) against the two-CTA kernel,
 the dispatched default and cuDNN at the prefill suite's points.
 
-    python scripts/dev_short_rows.py [--cfgs 12,13,15] [--points D:causal:S,...] [--reps 40] [--out DIR]
+    python scripts/dev_short_rows.py [--cfgs 12,13,14] [--points D:causal:S,...] [--reps 40] [--out DIR]
+        [--variants TAG:MACRO=V,...]
 
 cfg numbers are 08's `num_splits` switches (ws_cfg in kernels/08_flash_wgmma.cu); "two" is the
 two-CTA kernel (num_splits = 2 at D = 128), "auto" the dispatched default.
@@ -25,22 +26,23 @@ from _devcommon import prefill_qkv, stamp, write_rows  # noqa: E402
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--cfgs", default="12,13,14,15,16,17")
+    ap.add_argument("--cfgs", default="12,13,14")
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--points", default=None, help="D:causal:S,... (default: D = 128, S = 512 ... 8192, both masks)")
     ap.add_argument("--json", default="short_rows_dev.json")
     ap.add_argument("--no-grid", action="store_true")
-    ap.add_argument("--abl", default="", help="N,... also time cfg 12 of 08 built with -DFASTMQA_ABL=N (timing only)")
+    ap.add_argument("--variants", default="", help="TAG:MACRO=V,... also time 08 built with -DMACRO=V (its default "
+                                                     "dispatch as TAG, its two-CTA kernel as TAG.two)")
     args = ap.parse_args()
     cfgs = [int(c) for c in args.cfgs.split(",")]
     k08 = registry.get("08_flash_wgmma")
-    abl = [int(a) for a in filter(None, args.abl.split(","))]
+    var = [v.split(":", 1) for v in filter(None, args.variants.split(","))]
     from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max_workers=1 + len(abl)) as ex:
+    with ThreadPoolExecutor(max_workers=1 + len(var)) as ex:
         jobs = [ex.submit(build.build_all, [k08])]
-        jobs += [ex.submit(build.load_variant, k08, f"abl{a}", [f"FASTMQA_ABL={a}"]) for a in abl]
+        jobs += [ex.submit(build.load_variant, k08, tag, [define]) for tag, define in var]
         results = [j.result() for j in jobs]
-    variants = dict(zip((f"abl{a}" for a in abl), results[1:]))
+    variants = dict(zip((tag for tag, _ in var), results[1:]))
     stamp("built")
     grid = {}
     if not args.no_grid:
@@ -75,7 +77,8 @@ def main():
         fns = {"two": k08.prepare(q, k, v, causal=causal, num_splits=2)[0],
                "auto": k08.prepare(q, k, v, causal=causal)[0]}
         fns.update({f"cfg{c}": k08.prepare(q, k, v, causal=causal, num_splits=c)[0] for c in cfgs})
-        fns.update({t: kv.prepare(q, k, v, causal=causal, num_splits=12)[0] for t, kv in variants.items()})
+        fns.update({t: kv.prepare(q, k, v, causal=causal)[0] for t, kv in variants.items()})
+        fns.update({f"{t}.two": kv.prepare(q, k, v, causal=causal, num_splits=2)[0] for t, kv in variants.items()})
         fns["cudnn"] = lambda: cudnn(q, k, v, causal)
         times = timer.side_by_side(fns, reps=args.reps)
         ms = {n: statistics.median(t) for n, t in times.items()}
