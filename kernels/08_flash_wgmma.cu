@@ -640,8 +640,9 @@ int by_dim(const MQAParams& p, int cfg) {
 // intra-warpgroup overlap; 7 = + ping-pong; 10 = 7 persistent (one block an SM, the next item's Q
 // loaded under this one); 11 = 7 with quad_softmax's FAST exponent; 12 = 10 + 11; 13 = 12 with Q by
 // TMA (the producer loads each item's rows, h-major, on Q's own mbarriers); 14 = 13 with O stored
-// by TMA, the dispatched one at D = 128 (each falls back to the one before where H does not divide
-// the block's 128 rows, H = 1 for O, or q's / o's strides do not suit TMA).
+// by TMA; 15 = 14 without the ping-pong, the dispatched one at D = 128 (each falls back to the one
+// before where H does not divide the block's 128 rows, H = 1 for O, or q's / o's strides do not
+// suit TMA).
 template <typename T, int D>
 int ws_cfg(const MQAParams& p, int cfg) {
   switch (cfg) {
@@ -653,6 +654,7 @@ int ws_cfg(const MQAParams& p, int cfg) {
     case 12: return launch_ws<T, D, 128, true, true, true, true>(p);
     case 13: return launch_ws<T, D, 128, true, true, true, true, 2, true>(p);
     case 14: return launch_ws<T, D, 128, true, true, true, true, 2, true, true>(p);
+    case 15: return launch_ws<T, D, 128, true, false, true, true, 2, true, true>(p);
     default: return FASTMQA_UNSUPPORTED;
   }
 }
@@ -661,9 +663,10 @@ int ws_cfg(const MQAParams& p, int cfg) {
 // level at causal 2048), 0.85-0.98x on shorter rows. Session 11 (scripts/dev_short_rows.py,
 // paired repetitions; results/short_rows_dev.json): the consumers' Q gather (cp.async, address
 // arithmetic a 16-byte chunk) and O stores were the short rows' cost; with both by TMA (cfg 14)
-// D = 128 is 1.02-1.20x the two-CTA kernel at every length (0.89-1.05x cuDNN), so it takes
-// every D = 128 call; at D = 64 the two-CTA kernel stays ahead (cfg 14 0.74-0.79x cuDNN at S = 512
-// against its 0.87-0.91x).
+// D = 128 is 1.02-1.20x the two-CTA kernel at every length (0.89-1.05x cuDNN). Without the
+// consumers' copies the ping-pong no longer pays (results/pingpong_dev.json): cfg 15 is 1.00-1.03x
+// cfg 14 (most from 2048 keys on) and takes every D = 128 call; at D = 64 the two-CTA kernel stays
+// ahead (cfg 14 0.74-0.79x cuDNN at S = 512 against its 0.87-0.91x).
 template <typename T>
 int by_dim(const MQAParams& p) {
   if (p.num_splits >= 5) {
@@ -672,7 +675,7 @@ int by_dim(const MQAParams& p) {
     return FASTMQA_UNSUPPORTED;
   }
   if (p.num_splits == 0 && p.D == 128) {
-    const int r = ws_cfg<T, 128>(p, 14);
+    const int r = ws_cfg<T, 128>(p, 15);
     if (r != FASTMQA_UNSUPPORTED) return r;  // else (no tensor map for K, V) the two-CTA kernel below
   }
   return p.num_splits == 4 ? by_dim<T, false>(p, 0) : by_dim<T, true>(p, p.num_splits);
