@@ -32,6 +32,11 @@
 #ifndef FASTMQA_RESCALE_FIRST
 #define FASTMQA_RESCALE_FIRST 0
 #endif
+// The epilogue stages O with stmatrix (8 instructions a thread at D = 128 instead of 32 stores);
+// FASTMQA_STMATRIX=0 keeps the stores (the comparison build of session 11).
+#ifndef FASTMQA_STMATRIX
+#define FASTMQA_STMATRIX 1
+#endif
 
 namespace {
 
@@ -73,15 +78,32 @@ __device__ __forceinline__ void store_rows(const float (&acc_o)[D / 2], const fl
                                            T* __restrict__ o, float* __restrict__ lse, int b, int m0, int H, int Sq,
                                            float scale, int hp = 0) {
   const int g = lane >> 2, tq = lane & 3;
+  float lsum[2], inv[2];
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
-    const float l = quad_sum(l_run[hf]);
-    const float inv = l != 0.f ? 1.f / l : 0.f;
-    const int r = w16 + g + 8 * hf;
+    lsum[hf] = quad_sum(l_run[hf]);
+    inv[hf] = lsum[hf] != 0.f ? 1.f / lsum[hf] : 0.f;
+  }
+  if (FASTMQA_STMATRIX) {  // column chunks 2j, 2j + 1 of the warp's 16 rows: one stmatrix.x4
+    const int rr = w16 + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      const uint32_t val = Mma<T>::pack(acc_o[4 * n + 2 * hf] * inv, acc_o[4 * n + 2 * hf + 1] * inv);
-      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(tile + sw128<BM>(r, n) + tq * 4), "r"(val));
+    for (int j = 0; j < D / 16; ++j)
+      stmatrix_x4(tile + sw128<BM>(rr, 2 * j + (lane >> 4)),
+                  Mma<T>::pack(acc_o[8 * j + 0] * inv[0], acc_o[8 * j + 1] * inv[0]),
+                  Mma<T>::pack(acc_o[8 * j + 2] * inv[1], acc_o[8 * j + 3] * inv[1]),
+                  Mma<T>::pack(acc_o[8 * j + 4] * inv[0], acc_o[8 * j + 5] * inv[0]),
+                  Mma<T>::pack(acc_o[8 * j + 6] * inv[1], acc_o[8 * j + 7] * inv[1]));
+  }
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const float l = lsum[hf];
+    const int r = w16 + g + 8 * hf;
+    if (!FASTMQA_STMATRIX) {
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        const uint32_t val = Mma<T>::pack(acc_o[4 * n + 2 * hf] * inv[hf], acc_o[4 * n + 2 * hf + 1] * inv[hf]);
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(tile + sw128<BM>(r, n) + tq * 4), "r"(val));
+      }
     }
     const int m = m0 + r, i = row_i[r], h = hp ? r / hp : m - i * H;
     if (lse && tq == 0 && (hp ? i < Sq : m < H * Sq))

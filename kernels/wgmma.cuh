@@ -63,6 +63,13 @@ struct GmmaBase {
     return ((uint64_t)hi << 32) | (uint32_t)(lo + (bytes >> 4));
   }
 };
+// stmatrix (sm_90): a warp stores four 8 x 8 matrices of 16-bit elements, each lane's register i
+// holding the two elements of matrix i an mma accumulator fragment holds (row lane / 4, columns
+// 2 (lane % 4) ..), lanes 8i .. 8i + 7 giving the shared addresses of matrix i's 8 rows (16 bytes each).
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t x0, uint32_t x1, uint32_t x2, uint32_t x3) {
+  FASTMQA_SM90A_ASM("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n"
+                    ::"r"(addr), "r"(x0), "r"(x1), "r"(x2), "r"(x3) : "memory");
+}
 // Before the first wgmma, and whenever its accumulator or A registers were written by other code.
 __device__ __forceinline__ void wgmma_fence() { FASTMQA_SM90A_ASM("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { FASTMQA_SM90A_ASM("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
