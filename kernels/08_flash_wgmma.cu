@@ -491,13 +491,13 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
         row_o[r] = i < Sq ? b * os.b + h * os.h + i * os.s : -1;
         row_i[r] = i;
       }
-      mbar_wait(fullQ + 8 * (item & 1), (item >> 1) & 1);  // this item's Q landed
     } else if (lt < 64) {
       const int r = c * 64 + lt, row = m0 + r, i = row / H, h = row % H;
       row_o[r] = row < H * Sq ? b * os.b + h * os.h + i * os.s : -1;
       row_i[r] = i;
     }
     if (TMAQ) {
+      mbar_wait(fullQ + 8 * (item & 1), (item >> 1) & 1);  // this item's Q landed (TMA)
     } else if (!PERSIST) {
       load_q(blk, sQn);
       cp_async_wait_all();
@@ -608,11 +608,11 @@ int launch_ws(const MQAParams& p) {
   if (!(make_tmap_bsd(&tm_k, p.k, p.B, p.Skv, D, BN) && make_tmap_bsd(&tm_v, p.v, p.B, p.Skv, D, BN)))
     return FASTMQA_UNSUPPORTED;
   if constexpr (TMAQ) {  // Q by TMA where H divides the block's rows and q's strides suit TMA; else by cp.async
-    if (BM % p.H != 0 || !make_tmap_q(&tm_q, p.q, p.B, p.H, p.Sq, D, p.q_sb, p.q_sh, p.q_ss, BM / p.H, p.H))
+    if (BM % p.H != 0 || !make_tmap_bhsd(&tm_q, p.q, p.B, p.H, p.Sq, D, p.q_sb, p.q_sh, p.q_ss, BM / p.H, p.H))
       return launch_ws<T, D, BN, OVERLAP, PINGPONG, PERSIST, FAST, NSTAGE, false>(p);
   }
   if constexpr (TMAO) {  // O by TMA where a warpgroup's 64 rows are whole heads (H >= 2); else stores
-    if (p.H < 2 || !make_tmap_q(&tm_o, p.o, p.B, p.H, p.Sq, D, p.o_sb, p.o_sh, p.o_ss, BM / p.H, 64 / (BM / p.H)))
+    if (p.H < 2 || !make_tmap_bhsd(&tm_o, p.o, p.B, p.H, p.Sq, D, p.o_sb, p.o_sh, p.o_ss, BM / p.H, 64 / (BM / p.H)))
       return launch_ws<T, D, BN, OVERLAP, PINGPONG, PERSIST, FAST, NSTAGE, TMAQ, false>(p);
   }
   auto kern = mqa_flash_ws_kernel<T, D, BN, OVERLAP, PINGPONG, PERSIST, FAST, NSTAGE, TMAQ, TMAO>;

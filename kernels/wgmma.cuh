@@ -143,11 +143,11 @@ inline bool make_tmap_bsd(CUtensorMap* tm, const void* base, int B, int S, int D
   return make_tmap_u16(tm, base, 3, dims, strides, box);
 }
 
-// Host: the tensor map of q (or o) viewed as (D, S, H, B) with element strides (1, ss, sh, sb), in
+// Host: the tensor map of a (B, H, S, D) tensor (q or o) through its element strides (sb, sh, ss, 1), in
 // boxes of 64 columns x P positions x NH heads: a block's rows h-major (row h P + p is position
 // i0 + p of head h), positions past S zero-filled (a store clips them). False if the strides do not suit TMA (16-byte
 // multiples) or the driver cannot make one.
-inline bool make_tmap_q(CUtensorMap* tm, const void* base, int B, int H, int S, int D, long long sb, long long sh,
+inline bool make_tmap_bhsd(CUtensorMap* tm, const void* base, int B, int H, int S, int D, long long sb, long long sh,
                         long long ss, int P, int NH) {
   if ((sb * 2) % 16 || (sh * 2) % 16 || (ss * 2) % 16 || reinterpret_cast<uintptr_t>(base) % 16) return false;
   const cuuint64_t dims[4] = {(cuuint64_t)D, (cuuint64_t)S, (cuuint64_t)H, (cuuint64_t)B};

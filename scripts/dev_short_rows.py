@@ -14,9 +14,12 @@ import argparse
 import os
 import statistics
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch  # noqa: E402
+
 from fastmqa import bench, build, gridcheck  # noqa: E402
 from fastmqa import kernels as registry  # noqa: E402
 
@@ -37,7 +40,6 @@ def main():
     cfgs = [int(c) for c in args.cfgs.split(",")]
     k08 = registry.get("08_flash_wgmma")
     var = [v.split(":", 1) for v in filter(None, args.variants.split(","))]
-    from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=1 + len(var)) as ex:
         jobs = [ex.submit(build.build_all, [k08])]
         jobs += [ex.submit(build.load_variant, k08, tag, [define]) for tag, define in var]
@@ -53,7 +55,6 @@ def main():
             stamp(f"grid cfg{c}: {len(cases) - len(bad)}/{len(cases)} ok, worst err/tol "
                   f"{grid[f'cfg{c}']['worst']:.2f}" + "".join(f"\n   FAIL {x}" for x in bad[:5]))
             # q as a projection lays it out, (B, S, H, D) viewed as (B, H, S, D): same bits as dense q
-            import torch
             for (B, H, S, causal) in [(3, 32, 100, True), (2, 8, 257, False), (1, 64, 77, True)]:
                 x = torch.randn(B, S, H, 128, device="cuda", dtype=torch.bfloat16)
                 kk = torch.randn(B, 1, S, 128, device="cuda", dtype=torch.bfloat16)
