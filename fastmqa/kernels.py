@@ -339,7 +339,7 @@ REGISTRY: list[Kernel] = [
            prototype="fastmqa.prototypes.flash:mqa_flash_tiled", suites=("prefill",)),
     Kernel("08_flash_wgmma", "Hopper: wgmma from shared-memory descriptors; D = 128 warp-specialised, Q and O by TMA (sm_90a)",
            "prefill", "08_flash_wgmma.cu", "07_tensor_cores", dtypes=(FP16, BF16), returns_lse=True,
-           strided_q=True, arch=(9, 0), paths=(2, 12, 13, 14), backward="12_flash_bwd_wgmma.cu",
+           strided_q=True, arch=(9, 0), paths=(2, 12, 13, 14, 15, 16), backward="12_flash_bwd_wgmma.cu",
            backward_prototype="fastmqa.prototypes.flash_bwd:mqa_flash_bwd",
            prototype="fastmqa.prototypes.flash:mqa_flash_tiled", suites=("prefill",)),
     Kernel("09_flash_3xtf32", "fp32 on tensor cores: 3xTF32 split products in the fused kernel",

@@ -37,10 +37,19 @@
 #ifndef FASTMQA_STMATRIX
 #define FASTMQA_STMATRIX 1
 #endif
+// With Q and O by TMA (cfgs 15, 16) a consumer warpgroup starts an item without a barrier: its
+// rows' positions are computed from the h-major map, not read from a table the warpgroup wrote.
+// FASTMQA_ITEM_SYNC=1 keeps the table and its two barriers (the comparison build; same bits).
+#ifndef FASTMQA_ITEM_SYNC
+#define FASTMQA_ITEM_SYNC 0
+#endif
 
 namespace {
 
 constexpr int NWG = 2, NT = NWG * 128, BM = NWG * 64;  // 2 warpgroups x 64 packed rows
+
+template <int N>
+struct Width { static constexpr int value = N; };  // a compile-time tile width, as a lambda's argument
 
 template <int D, int BN>
 struct Cfg {
@@ -105,7 +114,7 @@ __device__ __forceinline__ void store_rows(const float (&acc_o)[D / 2], const fl
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(tile + sw128<BM>(r, n) + tq * 4), "r"(val));
       }
     }
-    const int m = m0 + r, i = row_i[r], h = hp ? r / hp : m - i * H;
+    const int m = m0 + r, i = hp ? m0 / H + r % hp : row_i[r], h = hp ? r / hp : m - i * H;
     if (lse && tq == 0 && (hp ? i < Sq : m < H * Sq))
       lse[((size_t)b * H + h) * Sq + i] = l != 0.f ? m_run[hf] * scale + logf(l) : -INFINITY;
   }
@@ -305,7 +314,7 @@ mqa_flash_wgmma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
 constexpr int WS_NT = 3 * 128;
 
 template <typename T, int D, int BN, bool OVERLAP, bool PINGPONG, bool PERSIST, bool FAST, int NSTAGE, bool TMAQ,
-          bool TMAO>
+          bool TMAO, bool HALF>
 __global__ void __launch_bounds__(WS_NT, 1)
 mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                     T* __restrict__ o, float* __restrict__ lse, int B, int H, int Sq, int Skv, float scale,
@@ -330,6 +339,7 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   // of 64 / P heads) by TMA; one thread issues the store and hands the tile back (empty Q, one
   // arrival a warpgroup) once the store has read it, after it issued the next item's first product.
   const int P = TMAQ ? BM / H : 1;
+  constexpr bool REG_ROWS = TMAQ && TMAO && !PINGPONG && !FASTMQA_ITEM_SYNC;
   // The u-th tile a block streams (over all its items) sits in stage u % NSTAGE, that stage's
   // (u / NSTAGE)-th use: its barriers' phase parity.
   auto stage = [](int u) { return u % NSTAGE; };
@@ -401,22 +411,26 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   // consumer 0 go first. Both visit the same items and tiles, so the turns pair up.
   auto turn_begin = [&] { if (PINGPONG) named_sync(1 + c, 256); };
   auto turn_end = [&] { if (PINGPONG) named_arrive(2 - c, 256); };
-  auto issue_s = [&](int u) {
+  // A tile's products, softmax and packing at width NW: BN keys, or (HALF) BN / 2 for an item's
+  // last tile when no row sees a key past its first half; w is Width<NW>.
+  auto issue_s = [&](int u, auto w) {
+    constexpr int NW = decltype(w)::value;
     const uint32_t sK = sK0 + stage(u) * C::KV_BYTES;
     const GmmaBase dq(q_rows, 16, 1024), dk(sK, 16, 1024);
 #pragma unroll
     for (int ks = 0; ks < C::KS; ++ks) {
       const uint64_t da = dq.at((ks >> 2) * (BM * 128) + (ks & 3) * 32);
       const uint64_t db = dk.at((ks >> 2) * (BN * 128) + (ks & 3) * 32);
-      Wgmma<T, BN>::ss(s, da, db, ks > 0);
+      Wgmma<T, NW>::ss(*reinterpret_cast<float(*)[NW / 2]>(s), da, db, ks > 0);
     }
     wgmma_commit();
   };
-  auto issue_pv = [&](int u) {
+  auto issue_pv = [&](int u, auto w) {
+    constexpr int NW = decltype(w)::value;
     const uint32_t sV = sV0 + stage(u) * C::KV_BYTES;
     const GmmaBase dv(sV, BN * 128, 1024);
 #pragma unroll
-    for (int kk = 0; kk < C::KP; ++kk)
+    for (int kk = 0; kk < NW / 16; ++kk)
       Wgmma<T, D>::rs(acc_o, pa[kk], dv.at(kk * 16 * 128), 1);
     wgmma_commit();
   };
@@ -424,18 +438,20 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     __syncwarp();
     if (lane == 0) mbar_arrive(bar);
   };
-  auto softmax = [&](int t) {  // S_t -> P_t (fp32, in s), alpha, m_run, l_run
+  auto softmax = [&](int t, auto w) {  // S_t -> P_t (fp32, in s), alpha, m_run, l_run
+    constexpr int NW = decltype(w)::value;
     if (t >= mask_from) {
       const int n0 = t * BN;
 #pragma unroll
-      for (int n = 0; n < C::NS; ++n)
+      for (int n = 0; n < NW / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
           if (n0 + n * 8 + 2 * tq + (e & 1) > jlim[e >> 1]) s[4 * n + e] = -INFINITY;
     }
-    quad_softmax<C::NS, FAST>(s, m_run, l_run, alpha, scale_log2, ex2);
+    quad_softmax<NW / 8, FAST>(s, m_run, l_run, alpha, scale_log2, ex2);
   };
-  auto rescale_pack = [&](bool first) {  // first: the item's first tile, O still zero
+  auto rescale_pack = [&](bool first, auto w) {  // first: the item's first tile, O still zero
+    constexpr int NW = decltype(w)::value;
     if ((FASTMQA_RESCALE_FIRST || !first) && __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
       for (int n = 0; n < C::NO; ++n) {
@@ -446,13 +462,15 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
       }
     }
 #pragma unroll
-    for (int kk = 0; kk < C::KP; ++kk) {
+    for (int kk = 0; kk < NW / 16; ++kk) {
       pa[kk][0] = Mma<T>::pack(s[8 * kk + 0], s[8 * kk + 1]);
       pa[kk][1] = Mma<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
       pa[kk][2] = Mma<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
       pa[kk][3] = Mma<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
     }
   };
+  constexpr Width<BN> w_full{};
+  constexpr Width<BN / 2> w_half{};
 
   // An item's 64 rows of this warpgroup into the Q tile at dst, by cp.async (one commit group).
   auto load_q = [&](const FlashBlock<BM, BN>& blk, uint32_t dst) {
@@ -484,8 +502,11 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     const uint32_t sQn = sQ + (PERSIST ? (item & 1) * C::Q_BYTES : 0);  // this item's Q tile
     q_rows = sQn + c * 64 * 128;
     mask_from = blk.mask_from;
-    named_sync(3 + c, 128);  // the warpgroup is done with the last item (its epilogue, its rows)
-    if (TMAQ) {
+    // REG_ROWS: a thread's rows' positions come from the h-major map in registers, so no table
+    // and no warpgroup barrier at the item's start (Q arrives on its mbarrier, O leaves by TMA).
+    if (!REG_ROWS) named_sync(3 + c, 128);  // the warpgroup is done with the last item (its epilogue, its rows)
+    if (REG_ROWS) {
+    } else if (TMAQ) {
       if (lt < 64) {  // rows h-major: row r is position m0 / H + r % P of head r / P
         const int r = c * 64 + lt, i = m0 / H + r % P, h = r / P;
         row_o[r] = i < Sq ? b * os.b + h * os.h + i * os.s : -1;
@@ -508,10 +529,11 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
       cp_async_wait_all();
     }
     if (!TMAQ) fence_async_shared();  // this item's Q (cp.async), visible to the tensor cores
-    named_sync(3 + c, 128);
+    if (!REG_ROWS) named_sync(3 + c, 128);
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      const int i = min(row_i[cw * 16 + g + 8 * hf], Sq - 1);
+      const int r = cw * 16 + g + 8 * hf;
+      const int i = min(REG_ROWS ? m0 / H + r % P : row_i[r], Sq - 1);
       jlim[hf] = causal ? min(Skv - 1, i + off) : Skv - 1;
       m_run[hf] = -INFINITY;
       l_run[hf] = 0.f;
@@ -521,40 +543,63 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 
     if (OVERLAP) {
       if (n_tiles > 0) {
-        mbar_wait(fullK + 8 * stage(u0), parity(u0));
-        turn_begin();
-        wgmma_fence();
-        issue_s(u0);
-        turn_end();
-        release_staged();  // (TMAO) under the product
-        wgmma_wait<0>();
-        release(emptyK + 8 * stage(u0));
-        softmax(0);
-        rescale_pack(true);
-        for (int t = 1; t < n_tiles; ++t) {
+        // HALF: the item's last tile at half width where no row sees a key in its second half.
+        // Not with the ping-pong, nor at D = 64 (the two-CTA kernel's): there the second width
+        // costs ptxas the registers of the wgmma pipeline (C7511) and serialises it.
+        constexpr bool HALF_ = HALF && !PINGPONG && D == 128;
+        const bool half = HALF_ && blk.kv_end - (n_tiles - 1) * BN <= BN / 2;
+        auto first = [&](auto w) {  // tile 0: S, its softmax
+          mbar_wait(fullK + 8 * stage(u0), parity(u0));
+          turn_begin();
+          wgmma_fence();
+          issue_s(u0, w);
+          turn_end();
+          release_staged();  // (TMAO) under the product
+          wgmma_wait<0>();
+          release(emptyK + 8 * stage(u0));
+          softmax(0, w);
+          rescale_pack(true, w);
+        };
+        auto step = [&](int t, auto w) {  // tile t >= 1 at width w; tile t - 1 is full
           const int u = u0 + t, st = stage(u), sp = stage(u - 1);
           mbar_wait(fullK + 8 * st, parity(u));
           turn_begin();
           wgmma_fence();
-          issue_s(u);                                        // S_t = Q K_t^T ...
+          issue_s(u, w);                                     // S_t = Q K_t^T ...
           mbar_wait(fullV + 8 * sp, parity(u - 1));
-          issue_pv(u - 1);                                   // ... and O += P_{t-1} V_{t-1}
+          issue_pv(u - 1, w_full);                           // ... and O += P_{t-1} V_{t-1}
           turn_end();
           wgmma_wait<1>();                                   // S_t is done
           release(emptyK + 8 * st);
-          softmax(t);                                        // under P_{t-1} V_{t-1}
+          softmax(t, w);                                     // under P_{t-1} V_{t-1}
           wgmma_wait<0>();
           release(emptyV + 8 * sp);
-          rescale_pack(false);
+          rescale_pack(false, w);
+        };
+        auto last_pv = [&](auto w) {
+          const int ul = u0 + n_tiles - 1;
+          mbar_wait(fullV + 8 * stage(ul), parity(ul));
+          turn_begin();
+          wgmma_fence();
+          issue_pv(ul, w);
+          turn_end();
+          wgmma_wait<0>();
+          release(emptyV + 8 * stage(ul));
+        };
+        if constexpr (HALF_) {
+          if (n_tiles == 1 && half) first(w_half);
+          else first(w_full);
+          for (int t = 1; t < n_tiles; ++t) {
+            if (t == n_tiles - 1 && half) step(t, w_half);
+            else step(t, w_full);
+          }
+          if (half) last_pv(w_half);
+          else last_pv(w_full);
+        } else {
+          first(w_full);
+          for (int t = 1; t < n_tiles; ++t) step(t, w_full);
+          last_pv(w_full);
         }
-        const int ul = u0 + n_tiles - 1;
-        mbar_wait(fullV + 8 * stage(ul), parity(ul));
-        turn_begin();
-        wgmma_fence();
-        issue_pv(ul);
-        turn_end();
-        wgmma_wait<0>();
-        release(emptyV + 8 * stage(ul));
       }
     } else {
       for (int t = 0; t < n_tiles; ++t) {
@@ -562,16 +607,16 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
         mbar_wait(fullK + 8 * st, parity(u));
         turn_begin();
         wgmma_fence();
-        issue_s(u);
+        issue_s(u, w_full);
         turn_end();
         wgmma_wait<0>();
         release(emptyK + 8 * st);
-        softmax(t);
-        rescale_pack(t == 0);
+        softmax(t, w_full);
+        rescale_pack(t == 0, w_full);
         mbar_wait(fullV + 8 * st, parity(u));
         turn_begin();
         wgmma_fence();
-        issue_pv(u);
+        issue_pv(u, w_full);
         turn_end();
         wgmma_wait<0>();
         release(emptyV + 8 * st);
@@ -602,20 +647,20 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 }
 
 template <typename T, int D, int BN, bool OVERLAP, bool PINGPONG, bool PERSIST = false, bool FAST = false, int NSTAGE = 2,
-          bool TMAQ = false, bool TMAO = false>
+          bool TMAQ = false, bool TMAO = false, bool HALF = false>
 int launch_ws(const MQAParams& p) {
   CUtensorMap tm_k{}, tm_v{}, tm_q{}, tm_o{};
   if (!(make_tmap_bsd(&tm_k, p.k, p.B, p.Skv, D, BN) && make_tmap_bsd(&tm_v, p.v, p.B, p.Skv, D, BN)))
     return FASTMQA_UNSUPPORTED;
   if constexpr (TMAQ) {  // Q by TMA where H divides the block's rows and q's strides suit TMA; else by cp.async
     if (BM % p.H != 0 || !make_tmap_bhsd(&tm_q, p.q, p.B, p.H, p.Sq, D, p.q_sb, p.q_sh, p.q_ss, BM / p.H, p.H))
-      return launch_ws<T, D, BN, OVERLAP, PINGPONG, PERSIST, FAST, NSTAGE, false>(p);
+      return launch_ws<T, D, BN, OVERLAP, PINGPONG, PERSIST, FAST, NSTAGE, false, false, HALF>(p);
   }
   if constexpr (TMAO) {  // O by TMA where a warpgroup's 64 rows are whole heads (H >= 2); else stores
     if (p.H < 2 || !make_tmap_bhsd(&tm_o, p.o, p.B, p.H, p.Sq, D, p.o_sb, p.o_sh, p.o_ss, BM / p.H, 64 / (BM / p.H)))
-      return launch_ws<T, D, BN, OVERLAP, PINGPONG, PERSIST, FAST, NSTAGE, TMAQ, false>(p);
+      return launch_ws<T, D, BN, OVERLAP, PINGPONG, PERSIST, FAST, NSTAGE, TMAQ, false, HALF>(p);
   }
-  auto kern = mqa_flash_ws_kernel<T, D, BN, OVERLAP, PINGPONG, PERSIST, FAST, NSTAGE, TMAQ, TMAO>;
+  auto kern = mqa_flash_ws_kernel<T, D, BN, OVERLAP, PINGPONG, PERSIST, FAST, NSTAGE, TMAQ, TMAO, HALF>;
   int grid = 0;
   if (PERSIST) {
     int dev = 0, sms = 0;
@@ -677,6 +722,7 @@ int ws_cfg(const MQAParams& p, int cfg) {
     case 13: return launch_ws<T, D, 128, true, true, true, true, 2, true>(p);
     case 14: return launch_ws<T, D, 128, true, true, true, true, 2, true, true>(p);
     case 15: return launch_ws<T, D, 128, true, false, true, true, 2, true, true>(p);
+    case 16: return launch_ws<T, D, 128, true, false, true, true, 2, true, true, true>(p);
     default: return FASTMQA_UNSUPPORTED;
   }
 }
@@ -697,7 +743,7 @@ int by_dim(const MQAParams& p) {
     return FASTMQA_UNSUPPORTED;
   }
   if (p.num_splits == 0 && p.D == 128) {
-    const int r = ws_cfg<T, 128>(p, 15);
+    const int r = ws_cfg<T, 128>(p, p.causal ? 16 : 15);
     if (r != FASTMQA_UNSUPPORTED) return r;  // else (no tensor map for K, V) the two-CTA kernel below
   }
   return p.num_splits == 4 ? by_dim<T, false>(p, 0) : by_dim<T, true>(p, p.num_splits);

@@ -16,6 +16,7 @@ struct FlashBlock {
   int b;          // the sequence
   int m0;         // its first packed row
   int off;        // Skv - Sq: causal is bottom-right aligned (query i sees keys j <= i + off)
+  int kv_end;     // keys [0, kv_end) are the ones some row of the block may see
   int n_tiles;    // key tiles [0, n_tiles) hold a key some row of the block may see
   int mask_from;  // tiles from here on cross Skv or some row's diagonal: they need the mask
   // Grid: B x (row blocks); the blocks with the most keys (the last rows, under a causal mask)
@@ -28,7 +29,7 @@ struct FlashBlock {
     m0 = mb * BM;
     off = Skv - Sq;
     const int i_first = m0 / H, i_last = min(Sq - 1, (m0 + BM - 1) / H);
-    const int kv_end = causal ? min(Skv, max(0, i_last + off + 1)) : Skv;
+    kv_end = causal ? min(Skv, max(0, i_last + off + 1)) : Skv;
     n_tiles = (kv_end + BN - 1) / BN;
     mask_from = causal ? min(Skv / BN, max(0, i_first + off + 1) / BN) : Skv / BN;
   }

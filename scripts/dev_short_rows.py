@@ -34,6 +34,7 @@ def main():
     ap.add_argument("--points", default=None, help="D:causal:S,... (default: D = 128, S = 512 ... 8192, both masks)")
     ap.add_argument("--json", default="short_rows_dev.json")
     ap.add_argument("--no-grid", action="store_true")
+    ap.add_argument("--bshd", action="store_true", help="q in the (B, S, H, D) memory layout a layer's projection gives")
     ap.add_argument("--variants", default="", help="TAG:MACRO=V,... also time 08 built with -DMACRO=V (its default "
                                                      "dispatch as TAG, its two-CTA kernel as TAG.two)")
     args = ap.parse_args()
@@ -75,6 +76,8 @@ def main():
     for D, causal, S in pts:
         H = 32
         B, q, k, v = prefill_qkv(S, D, H=H)
+        if args.bshd:  # the same values, laid out as a layer's q projection (a transposed view)
+            q = q.transpose(1, 2).contiguous().transpose(1, 2)
         fns = {"two": k08.prepare(q, k, v, causal=causal, num_splits=2)[0],
                "auto": k08.prepare(q, k, v, causal=causal)[0]}
         fns.update({f"cfg{c}": k08.prepare(q, k, v, causal=causal, num_splits=c)[0] for c in cfgs})
@@ -84,9 +87,11 @@ def main():
         times = timer.side_by_side(fns, reps=args.reps)
         ms = {n: statistics.median(t) for n, t in times.items()}
         x_cudnn = {n: bench.paired_ratio(times["cudnn"], t)["median"] for n, t in times.items() if n != "cudnn"}
-        rows.append(dict(D=D, causal=causal, S=S, B=B, H=H, ms=ms, x_cudnn=x_cudnn, reps=args.reps))
-        stamp(f"D={D} causal={causal!s:5} S={S:5} B={B:3}: cudnn {ms['cudnn'] * 1e3:7.1f} us; x cudnn: "
-              + " ".join(f"{n} {r:.3f}" for n, r in x_cudnn.items()))
+        x_auto = {n: bench.paired_ratio(t, times["auto"])["median"] for n, t in times.items() if n != "auto"}
+        rows.append(dict(D=D, causal=causal, S=S, B=B, H=H, q_layout="bshd" if args.bshd else "bhsd", ms=ms, x_cudnn=x_cudnn, x_auto=x_auto, reps=args.reps))
+        stamp(f"D={D} causal={causal!s:5} S={S:5} B={B:3}{' bshd' if args.bshd else ''}: cudnn {ms['cudnn'] * 1e3:7.1f} us; x cudnn: "
+              + " ".join(f"{n} {r:.3f}" for n, r in x_cudnn.items())
+              + "; auto over: " + " ".join(f"{n} {r:.3f}" for n, r in x_auto.items()))
         del q, k, v
     write_rows(args.out, args.json, dict(grid=grid, points=rows))
 

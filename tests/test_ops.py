@@ -454,10 +454,12 @@ needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
                                            (False, 1, 1500), (True, 5, 3000),
                                            (True, 77, 77), (False, 513, 513)])
 def test_gpu_wgmma_d128_takes_the_warp_specialised_path(dtype, causal, Sq, Skv):
-    """D = 128 runs the warp-specialised kernel with Q and O by TMA, no ping-pong (cfg 15): the
-    default call equals the forced path bitwise, and both meet the tolerance rule, lse included,
-    with q and o through strides (a (B, S, H, D) projection); so do cfg 14 (with the ping-pong)
-    and cfg 12 (Q by cp.async, O by stores): the same arithmetic, other scheduling and copies."""
+    """D = 128 runs the warp-specialised kernel with Q and O by TMA, no ping-pong (cfg 15; causal:
+    cfg 16, whose last tile of an item runs at half width where no row sees past its first half):
+    the default call equals the forced paths bitwise (the keys a half tile skips have P = 0), and
+    meets the tolerance rule, lse included, with q and o through strides (a (B, S, H, D)
+    projection); so do cfg 14 (with the ping-pong) and cfg 12 (Q by cp.async, O by stores): the
+    same arithmetic, other widths, scheduling and copies."""
     wg = kernels.get("08_flash_wgmma")
     B, H, D = 2, 4, 128
     g = torch.Generator(device="cuda").manual_seed(Skv)
@@ -465,8 +467,9 @@ def test_gpu_wgmma_d128_takes_the_warp_specialised_path(dtype, causal, Sq, Skv):
     k = torch.randn(B, 1, Skv, D, device="cuda", dtype=dtype, generator=g)
     v = torch.randn(B, 1, Skv, D, device="cuda", dtype=dtype, generator=g)
     o, lse = wg(q, k, v, causal=causal, return_lse=True)
-    o15, lse15 = wg(q, k, v, causal=causal, return_lse=True, num_splits=15)
-    assert torch.equal(o, o15) and torch.equal(lse, lse15)
+    for cfg in (16, 15):
+        oc, lsec = wg(q, k, v, causal=causal, return_lse=True, num_splits=cfg)
+        assert torch.equal(o, oc) and torch.equal(lse, lsec), f"cfg {cfg}"
     o14, lse14 = wg(q, k, v, causal=causal, return_lse=True, num_splits=14)
     assert torch.equal(o, o14) and torch.equal(lse, lse14)
     o12, lse12 = wg(q, k, v, causal=causal, return_lse=True, num_splits=12)
@@ -484,6 +487,6 @@ def test_gpu_wgmma_paths_meet_the_rule_on_short_rows():
     wg = kernels.get("08_flash_wgmma")
     q, k, v = qkv(B=3, H=32, Sq=77, Skv=333, D=128, dtype=torch.bfloat16, device="cuda", seed=5)
     for causal in (False, True):
-        for cfg in (2, 5, 6, 7, 10, 11, 12, 13, 14, 15):
+        for cfg in (2, 5, 6, 7, 10, 11, 12, 13, 14, 15, 16):
             check.assert_close(wg(q, k, v, causal=causal, num_splits=cfg), q, k, v, causal=causal,
                                what=f"08_flash_wgmma cfg {cfg}")
