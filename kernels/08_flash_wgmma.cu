@@ -79,13 +79,14 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const T* src, int j0, in
 // the same rows of the swizzled tile at `tile` (the block's Q tile, no longer read), then written
 // by 16-byte coalesced stores of whole rows; the lse of each row. hp: 0 if the block's rows are
 // packed i-major (row m0 + r is head (m0 + r) % H), else the positions a block holds, its rows
-// h-major (row r is head r / hp), as Q's TMA box lays them out. STAGE: O is left staged (the
+// h-major (row r is position i0 + r % hp of head r / hp; hp a power of two), as Q's TMA box lays
+// them out. STAGE: O is left staged (the
 // caller stores the tile by TMA).
 template <typename T, int D, bool STAGE = false>
 __device__ __forceinline__ void store_rows(const float (&acc_o)[D / 2], const float (&m_run)[2], const float (&l_run)[2],
                                            uint32_t tile, int w16, int lane, const long long* row_o, const int* row_i,
                                            T* __restrict__ o, float* __restrict__ lse, int b, int m0, int H, int Sq,
-                                           float scale, int hp = 0) {
+                                           float scale, int hp = 0, int i0 = 0) {
   const int g = lane >> 2, tq = lane & 3;
   float lsum[2], inv[2];
 #pragma unroll
@@ -114,7 +115,7 @@ __device__ __forceinline__ void store_rows(const float (&acc_o)[D / 2], const fl
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(tile + sw128<BM>(r, n) + tq * 4), "r"(val));
       }
     }
-    const int m = m0 + r, i = hp ? m0 / H + r % hp : row_i[r], h = hp ? r / hp : m - i * H;
+    const int m = m0 + r, i = hp ? i0 + (r & (hp - 1)) : row_i[r], h = hp ? r >> (__ffs(hp) - 1) : m - i * H;
     if (lse && tq == 0 && (hp ? i < Sq : m < H * Sq))
       lse[((size_t)b * H + h) * Sq + i] = l != 0.f ? m_run[hf] * scale + logf(l) : -INFINITY;
   }
@@ -338,7 +339,6 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   // TMAO (with TMAQ, H >= 2): each consumer warpgroup stores its 64 staged rows of O (P positions
   // of 64 / P heads) by TMA; one thread issues the store and hands the tile back (empty Q, one
   // arrival a warpgroup) once the store has read it, after it issued the next item's first product.
-  const int P = TMAQ ? BM / H : 1;
   constexpr bool REG_ROWS = TMAQ && TMAO && !PINGPONG && !FASTMQA_ITEM_SYNC;
   // The u-th tile a block streams (over all its items) sits in stage u % NSTAGE, that stage's
   // (u / NSTAGE)-th use: its barriers' phase parity.
@@ -347,8 +347,23 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   const int tid = threadIdx.x;
   // Work items: a (sequence, row block) each, as the non-persistent grid's blocks; PERSIST: one
   // block an SM walks items blockIdx.x, + gridDim.x, ... and its stages' phases run on across them.
-  const int n_items = B * ((H * Sq + BM - 1) / BM);
+  const int nmb = (H * Sq + BM - 1) / BM, n_items = B * nmb;
   const int w0 = blockIdx.x, dw = PERSIST ? (int)gridDim.x : n_items;
+  // Item w is row block nmb - 1 - w / B of sequence w % B (FlashBlock). TMAQ (H divides BM, P a
+  // power of two): a thread walks its items with (w % B, w / B) carried along, no division an item.
+  const int P = TMAQ ? BM / H : 1, lgP = __ffs(P) - 1;
+  const int walk_q = dw / B, walk_r = dw % B;
+  auto item_block = [&](int w, int wb, int wj) {
+    return TMAQ ? FlashBlock<BM, BN>(Sq, Skv, causal, wb, nmb - 1 - wj, typename FlashBlock<BM, BN>::EveryHead{P}) : FlashBlock<BM, BN>(B, H, Sq, Skv, causal, w);
+  };
+  auto walk = [&](int& wb, int& wj) {  // (w % B, w / B) -> ((w + dw) % B, (w + dw) / B)
+    wb += walk_r;
+    wj += walk_q;
+    if (wb >= B) {
+      wb -= B;
+      ++wj;
+    }
+  };
   if (tid == 0) {
 #pragma unroll
     for (int i = 0; i < 2 * NSTAGE; ++i) mbar_init(fullK + 8 * i, 1);  // the producer's arrive + bytes
@@ -368,15 +383,15 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     setmaxnreg_dec<24>();
     if (tid == 0) {
       int u = 0;  // tiles loaded so far
-      for (int w = w0, item = 0; w < n_items; w += dw, ++item) {
-        const FlashBlock<BM, BN> blk(B, H, Sq, Skv, causal, w);
+      for (int w = w0, item = 0, wb = w0 % B, wj = w0 / B; w < n_items; w += dw, ++item, walk(wb, wj)) {
+        const FlashBlock<BM, BN> blk = item_block(w, wb, wj);
         if (TMAQ) {  // the item's Q into tile item % 2, after item - 2's epilogue
           const int qt = item & 1;
           if (item >= 2) mbar_wait(emptyQ + 8 * qt, ((item >> 1) - 1) & 1);
           mbar_arrive_expect_tx(fullQ + 8 * qt, C::Q_BYTES);
 #pragma unroll
           for (int a = 0; a < D / 64; ++a)
-            tma_load_4d(sQ + qt * C::Q_BYTES + a * BM * 128, &tm_q, a * 64, blk.m0 / H, 0, blk.b, fullQ + 8 * qt);
+            tma_load_4d(sQ + qt * C::Q_BYTES + a * BM * 128, &tm_q, a * 64, blk.i_first, 0, blk.b, fullQ + 8 * qt);
         }
         for (int t = 0; t < blk.n_tiles; ++t, ++u) {
           const int st = stage(u);
@@ -496,8 +511,8 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     staged = -1;
   };
   if (PERSIST && !TMAQ && w0 < n_items) load_q(FlashBlock<BM, BN>(B, H, Sq, Skv, causal, w0), sQ);
-  for (int w = w0, item = 0; w < n_items; w += dw, ++item) {
-    const FlashBlock<BM, BN> blk(B, H, Sq, Skv, causal, w);
+  for (int w = w0, item = 0, wb = w0 % B, wj = w0 / B; w < n_items; w += dw, ++item, walk(wb, wj)) {
+    const FlashBlock<BM, BN> blk = item_block(w, wb, wj);
     const int b = blk.b, m0 = blk.m0, off = blk.off, n_tiles = blk.n_tiles;
     const uint32_t sQn = sQ + (PERSIST ? (item & 1) * C::Q_BYTES : 0);  // this item's Q tile
     q_rows = sQn + c * 64 * 128;
@@ -507,8 +522,8 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     if (!REG_ROWS) named_sync(3 + c, 128);  // the warpgroup is done with the last item (its epilogue, its rows)
     if (REG_ROWS) {
     } else if (TMAQ) {
-      if (lt < 64) {  // rows h-major: row r is position m0 / H + r % P of head r / P
-        const int r = c * 64 + lt, i = m0 / H + r % P, h = r / P;
+      if (lt < 64) {  // rows h-major: row r is position i_first + r % P of head r / P
+        const int r = c * 64 + lt, i = blk.i_first + (r & (P - 1)), h = r >> lgP;
         row_o[r] = i < Sq ? b * os.b + h * os.h + i * os.s : -1;
         row_i[r] = i;
       }
@@ -533,7 +548,7 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int r = cw * 16 + g + 8 * hf;
-      const int i = min(REG_ROWS ? m0 / H + r % P : row_i[r], Sq - 1);
+      const int i = min(REG_ROWS ? blk.i_first + (r & (P - 1)) : row_i[r], Sq - 1);
       jlim[hf] = causal ? min(Skv - 1, i + off) : Skv - 1;
       m_run[hf] = -INFINITY;
       l_run[hf] = 0.f;
@@ -627,13 +642,13 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     // Epilogue: each warp stages its own 16 rows in this item's Q tile, then whole-row stores.
     release_staged();  // (TMAO: no product issued this item)
     store_rows<T, D, TMAO>(acc_o, m_run, l_run, sQn, cw * 16, lane, row_o, row_i, o, lse, b, m0, H, Sq, scale,
-                           TMAQ ? P : 0);
+                           TMAQ ? P : 0, blk.i_first);
     if (TMAO) {  // the warpgroup's rows staged (visible to TMA), then one thread stores them
       fence_async_shared();
       named_sync(3 + c, 128);
       if (lt == 0) {
 #pragma unroll
-        for (int a = 0; a < D / 64; ++a) tma_store_4d(&tm_o, sQn + a * BM * 128 + c * 64 * 128, a * 64, m0 / H, c * (64 / P), b);
+        for (int a = 0; a < D / 64; ++a) tma_store_4d(&tm_o, sQn + a * BM * 128 + c * 64 * 128, a * 64, blk.i_first, (c * 64) >> lgP, b);
         bulk_commit();
       }
       staged = item & 1;
@@ -654,11 +669,11 @@ int launch_ws(const MQAParams& p) {
     return FASTMQA_UNSUPPORTED;
   if constexpr (TMAQ) {  // Q by TMA where H divides the block's rows and q's strides suit TMA; else by cp.async
     if (BM % p.H != 0 || !make_tmap_bhsd(&tm_q, p.q, p.B, p.H, p.Sq, D, p.q_sb, p.q_sh, p.q_ss, BM / p.H, p.H))
-      return launch_ws<T, D, BN, OVERLAP, PINGPONG, PERSIST, FAST, NSTAGE, false, false, HALF>(p);
+      return launch_ws<T, D, BN, OVERLAP, PINGPONG, PERSIST, FAST, NSTAGE, false, false, false>(p);
   }
   if constexpr (TMAO) {  // O by TMA where a warpgroup's 64 rows are whole heads (H >= 2); else stores
     if (p.H < 2 || !make_tmap_bhsd(&tm_o, p.o, p.B, p.H, p.Sq, D, p.o_sb, p.o_sh, p.o_ss, BM / p.H, 64 / (BM / p.H)))
-      return launch_ws<T, D, BN, OVERLAP, PINGPONG, PERSIST, FAST, NSTAGE, TMAQ, false, HALF>(p);
+      return launch_ws<T, D, BN, OVERLAP, PINGPONG, PERSIST, FAST, NSTAGE, TMAQ, false, false>(p);
   }
   auto kern = mqa_flash_ws_kernel<T, D, BN, OVERLAP, PINGPONG, PERSIST, FAST, NSTAGE, TMAQ, TMAO, HALF>;
   int grid = 0;

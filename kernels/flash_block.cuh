@@ -15,6 +15,7 @@ template <int BM, int BN>
 struct FlashBlock {
   int b;          // the sequence
   int m0;         // its first packed row
+  int i_first;    // the first query position among its rows
   int off;        // Skv - Sq: causal is bottom-right aligned (query i sees keys j <= i + off)
   int kv_end;     // keys [0, kv_end) are the ones some row of the block may see
   int n_tiles;    // key tiles [0, n_tiles) hold a key some row of the block may see
@@ -27,11 +28,24 @@ struct FlashBlock {
     const int mb = nmb - 1 - w / B;
     b = w % B;
     m0 = mb * BM;
+    init(m0 / H, min(Sq - 1, (m0 + BM - 1) / H), Sq, Skv, causal);
+  }
+  // Row block mb of sequence b_ where H divides BM (08's Q by TMA: P = BM / H positions, every
+  // head of each): the same fields without a division.
+  struct EveryHead { int P; };
+  __device__ __forceinline__ FlashBlock(int Sq, int Skv, int causal, int b_, int mb, EveryHead e) {
+    b = b_;
+    m0 = mb * BM;
+    init(mb * e.P, min(Sq - 1, mb * e.P + e.P - 1), Sq, Skv, causal);
+  }
+
+ private:
+  __device__ __forceinline__ void init(int i0, int i_last, int Sq, int Skv, int causal) {
+    i_first = i0;
     off = Skv - Sq;
-    const int i_first = m0 / H, i_last = min(Sq - 1, (m0 + BM - 1) / H);
     kv_end = causal ? min(Skv, max(0, i_last + off + 1)) : Skv;
     n_tiles = (kv_end + BN - 1) / BN;
-    mask_from = causal ? min(Skv / BN, max(0, i_first + off + 1) / BN) : Skv / BN;
+    mask_from = causal ? min(Skv / BN, max(0, i0 + off + 1) / BN) : Skv / BN;
   }
 };
 
