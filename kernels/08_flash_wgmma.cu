@@ -16,7 +16,8 @@
 //     through q's strides, a gather: it stays on cp.async, made visible to the tensor cores by
 //     `fence.proxy.async`.
 // Below it, FlashAttention-3's structure (mqa_flash_ws_kernel): a producer warpgroup, setmaxnreg,
-// ping-pong consumers, persistent blocks; by_dim sends long rows at D = 128 there.
+// ping-pong consumers, persistent blocks; by_dim sends D = 128 there, and D = 64 rows of at most
+// 512 keys on average.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -354,7 +355,8 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   const int P = TMAQ ? BM / H : 1, lgP = __ffs(P) - 1;
   const int walk_q = dw / B, walk_r = dw % B;
   auto item_block = [&](int w, int wb, int wj) {
-    return TMAQ ? FlashBlock<BM, BN>(Sq, Skv, causal, wb, nmb - 1 - wj, typename FlashBlock<BM, BN>::EveryHead{P}) : FlashBlock<BM, BN>(B, H, Sq, Skv, causal, w);
+    using FB = FlashBlock<BM, BN>;
+    return TMAQ ? FB(Sq, Skv, causal, wb, nmb - 1 - wj, typename FB::EveryHead{P}) : FB(B, H, Sq, Skv, causal, w);
   };
   auto walk = [&](int& wb, int& wj) {  // (w % B, w / B) -> ((w + dw) % B, (w + dw) / B)
     wb += walk_r;
@@ -722,9 +724,9 @@ int by_dim(const MQAParams& p, int cfg) {
 // intra-warpgroup overlap; 7 = + ping-pong; 10 = 7 persistent (one block an SM, the next item's Q
 // loaded under this one); 11 = 7 with quad_softmax's FAST exponent; 12 = 10 + 11; 13 = 12 with Q by
 // TMA (the producer loads each item's rows, h-major, on Q's own mbarriers); 14 = 13 with O stored
-// by TMA; 15 = 14 without the ping-pong, the dispatched one at D = 128 (each falls back to the one
-// before where H does not divide the block's 128 rows, H = 1 for O, or q's / o's strides do not
-// suit TMA).
+// by TMA; 15 = 14 without the ping-pong; 16 = 15 with an item's last key tile at half width where
+// no row sees its second half (D = 128). Each falls back to the one before where H does not divide
+// the block's 128 rows, H = 1 for O, or q's / o's strides do not suit TMA (16 to 15's fallbacks).
 template <typename T, int D>
 int ws_cfg(const MQAParams& p, int cfg) {
   switch (cfg) {
@@ -749,7 +751,11 @@ int ws_cfg(const MQAParams& p, int cfg) {
 // D = 128 is 1.02-1.20x the two-CTA kernel at every length (0.89-1.05x cuDNN). Without the
 // consumers' copies the ping-pong no longer pays (results/pingpong_dev.json): cfg 15 is 1.00-1.03x
 // cfg 14 (most from 2048 keys on) and takes every D = 128 call; at D = 64 the two-CTA kernel stays
-// ahead (cfg 14 0.74-0.79x cuDNN at S = 512 against its 0.87-0.91x).
+// ahead (cfg 14 0.74-0.79x cuDNN at S = 512 against its 0.87-0.91x). Session 12: cfg 16 (half last
+// tiles) takes causal D = 128 calls: 1.02x cfg 15 at S = 512 (results/narrow_dev.txt); without the
+// item barriers (results/itemsync_dev.txt) and the item walk's divisions (results/walk_dev.txt)
+// causal D = 128 went from 0.96 to 1.07x cuDNN at S = 512, and at D = 64 the warp-specialised
+// kernel now beats the two-CTA one on short rows (results/d64_dev.txt).
 template <typename T>
 int by_dim(const MQAParams& p) {
   if (p.num_splits >= 5) {
@@ -760,6 +766,12 @@ int by_dim(const MQAParams& p) {
   if (p.num_splits == 0 && p.D == 128) {
     const int r = ws_cfg<T, 128>(p, p.causal ? 16 : 15);
     if (r != FASTMQA_UNSUPPORTED) return r;  // else (no tensor map for K, V) the two-CTA kernel below
+  }
+  // D = 64: the warp-specialised kernel where a row sees at most 512 keys on average (causal
+  // S <= 1024, else S <= 512), the two-CTA kernel on longer rows (results/d64_dev.json).
+  if (p.num_splits == 0 && p.D == 64 && (p.causal ? p.Skv / 2 : p.Skv) <= 512) {
+    const int r = ws_cfg<T, 64>(p, 15);
+    if (r != FASTMQA_UNSUPPORTED) return r;
   }
   return p.num_splits == 4 ? by_dim<T, false>(p, 0) : by_dim<T, true>(p, p.num_splits);
 }

@@ -481,6 +481,21 @@ def test_gpu_wgmma_d128_takes_the_warp_specialised_path(dtype, causal, Sq, Skv):
 
 @gpu
 @needs_sm90
+@pytest.mark.parametrize("causal,S,cfg", [(True, 1024, 15), (False, 512, 15), (True, 1030, 2), (False, 513, 2)])
+def test_gpu_wgmma_d64_dispatch_by_row_length(causal, S, cfg):
+    """D = 64 takes the warp-specialised kernel (cfg 15) where a row sees at most 512 keys on
+    average (causal S <= 1024, else S <= 512) and the two-CTA kernel (cfg 2) past that: the
+    default call equals that path bitwise and meets the tolerance rule."""
+    wg = kernels.get("08_flash_wgmma")
+    q, k, v = qkv(B=2, H=8, Sq=S, Skv=S, D=64, dtype=torch.bfloat16, device="cuda", seed=S)
+    o, lse = wg(q, k, v, causal=causal, return_lse=True)
+    oc, lsec = wg(q, k, v, causal=causal, return_lse=True, num_splits=cfg)
+    assert torch.equal(o, oc) and torch.equal(lse, lsec)
+    check.assert_close(o, q, k, v, causal=causal, what=f"08_flash_wgmma D = 64 (cfg {cfg})")
+
+
+@gpu
+@needs_sm90
 def test_gpu_wgmma_paths_meet_the_rule_on_short_rows():
     """On short rows every cfg of the warp-specialised ladder and the two-CTA kernel (cfg 2, the
     default at D = 64) meet the rule, including rows past the last tile."""
