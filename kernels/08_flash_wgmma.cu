@@ -521,15 +521,15 @@ mqa_flash_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     mask_from = blk.mask_from;
     // REG_ROWS: a thread's rows' positions come from the h-major map in registers, so no table
     // and no warpgroup barrier at the item's start (Q arrives on its mbarrier, O leaves by TMA).
-    if (!REG_ROWS) named_sync(3 + c, 128);  // the warpgroup is done with the last item (its epilogue, its rows)
-    if (REG_ROWS) {
-    } else if (TMAQ) {
-      if (lt < 64) {  // rows h-major: row r is position i_first + r % P of head r / P
-        const int r = c * 64 + lt, i = blk.i_first + (r & (P - 1)), h = r >> lgP;
-        row_o[r] = i < Sq ? b * os.b + h * os.h + i * os.s : -1;
-        row_i[r] = i;
-      }
-    } else if (lt < 64) {
+    // Otherwise the warpgroup rewrites the table once it is done with the last item (its
+    // epilogue, its rows: the first barrier), and the second barrier publishes the table (and,
+    // without TMA, the item's Q).
+    if (!REG_ROWS) named_sync(3 + c, 128);
+    if (!REG_ROWS && TMAQ && lt < 64) {  // rows h-major: row r is position i_first + r % P of head r / P
+      const int r = c * 64 + lt, i = blk.i_first + (r & (P - 1)), h = r >> lgP;
+      row_o[r] = i < Sq ? b * os.b + h * os.h + i * os.s : -1;
+      row_i[r] = i;
+    } else if (!REG_ROWS && lt < 64) {
       const int r = c * 64 + lt, row = m0 + r, i = row / H, h = row % H;
       row_o[r] = row < H * Sq ? b * os.b + h * os.h + i * os.s : -1;
       row_i[r] = i;
