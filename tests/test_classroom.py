@@ -305,3 +305,32 @@ def test_stage_ring_check_catches_each_protocol_error():
     assert details["wrong_phase"]
     bad = check_stage_ring(lambda u, n: (u, 0, None))  # a stage out of range: a readable error, no crash
     assert not bad[0].ok and "stage in 0.." in bad[0].detail
+
+
+def test_item_walk_check_counts_divisions_and_catches_a_missing_carry():
+    """ex-07-walk's grader: the definition (two divisions an item) is correct but refused for its
+    divisions, a walk without the carry is refused for its items, divmod counts twice, and the
+    kernel's walk (divide once before the loop, carry once) passes every grid."""
+    from fastmqa.classroom.exercises import check_item_walk
+
+    def dividing(w0, dw, B, nmb, P):
+        return [(w % B, nmb - 1 - w // B, (nmb - 1 - w // B) * P) for w in range(w0, B * nmb, dw)]
+
+    def walk(w0, dw, B, nmb, P, carry=True):
+        b, j, q, r, out = w0 % B, w0 // B, dw // B, dw % B, []
+        for _ in range(w0, B * nmb, dw):
+            out.append((b, nmb - 1 - j, (nmb - 1 - j) * P))
+            b, j = b + r, j + q
+            if carry and b >= B:
+                b, j = b - B, j + 1
+        return out
+
+    assert all(r.ok for r in check_item_walk(walk))
+    slow = [r for r in check_item_walk(dividing) if not r.ok]
+    assert slow and all("divisions or remainders by B" in r.detail for r in slow)
+    wrong = [r for r in check_item_walk(lambda *a: walk(*a, carry=False)) if not r.ok]
+    assert wrong and all("want" in r.detail for r in wrong)
+    dm = [r for r in check_item_walk(lambda w0, dw, B, nmb, P: [(divmod(w, B)[1], nmb - 1 - divmod(w, B)[0],
+                                                                 (nmb - 1 - divmod(w, B)[0]) * P)
+                                                                for w in range(w0, B * nmb, dw)]) if not r.ok]
+    assert dm

@@ -373,6 +373,75 @@ def check_stage_ring(fn, ctx=None, stages=(1, 2, 3), consumer_counts=(1, 2), see
     return results
 
 
+class _CountingInt(int):
+    """An int that counts the divisions and remainders taken by it (`check_item_walk`)."""
+
+    def __new__(cls, value, counter):
+        obj = super().__new__(cls, value)
+        obj.counter = counter
+        return obj
+
+    def _count(self, n=1):
+        self.counter[0] += n
+
+    def __rfloordiv__(self, other):
+        self._count()
+        return int(other) // int(self)
+
+    def __rmod__(self, other):
+        self._count()
+        return int(other) % int(self)
+
+    def __rdivmod__(self, other):
+        self._count(2)
+        return divmod(int(other), int(self))
+
+    def __floordiv__(self, other):
+        self._count()
+        return int(self) // int(other)
+
+    def __mod__(self, other):
+        self._count()
+        return int(self) % int(other)
+
+    def __rtruediv__(self, other):
+        self._count()
+        return int(other) / int(self)
+
+
+def check_item_walk(fn, ctx=None, grids=((32, 128, 4, 132), (3, 7, 1, 5), (5, 30, 64, 132), (1, 10, 8, 4),
+                                         (7, 9, 2, 7), (4, 33, 16, 13))):
+    """fn(w0, dw, B, nmb, P) -> [(b, mb, i_first)] of the items w0, w0 + dw, ... < B * nmb one
+    persistent block of 08's warp-specialised kernel walks (item w: sequence w % B, row block
+    nmb - 1 - w // B, first position mb * P), graded against that definition for a few blocks of
+    each grid (B, nmb, P, grid size), with B passed as an int that counts the divisions and
+    remainders taken by it: at most 4 a call, whatever the number of items."""
+    results = []
+    for (B, nmb, P, grid) in grids:
+        name = f"B={B} row blocks={nmb} P={P} grid={grid}"
+
+        def case(B=B, nmb=nmb, P=P, grid=grid, name=name):
+            n_items = B * nmb
+            for w0 in sorted({0, 1, grid // 2, grid - 1} & set(range(min(grid, n_items)))):
+                want = [(w % B, nmb - 1 - w // B, (nmb - 1 - w // B) * P) for w in range(w0, n_items, grid)]
+                counter = [0]
+                got = fn(w0, grid, _CountingInt(B, counter), nmb, P)
+                got = [tuple(int(x) for x in item) for item in got] if isinstance(got, (list, tuple)) else got
+                if got != want:
+                    if not isinstance(got, list) or len(got) != len(want):
+                        return CaseResult(name, False, f"block {w0}: {len(want)} items expected, got "
+                                                       f"{len(got) if isinstance(got, list) else type(got).__name__}")
+                    k = next(i for i, (a, b_) in enumerate(zip(got, want)) if a != b_)
+                    return CaseResult(name, False, f"block {w0}, item {k} (w = {w0 + k * grid}): got {got[k]}, "
+                                                   f"want {want[k]}")
+                if counter[0] > 4:
+                    return CaseResult(name, False, f"block {w0}: {counter[0]} divisions or remainders by B for "
+                                                   f"{len(want)} items (at most 4 a call: divide before the loop)")
+            return CaseResult(name, True, f"{n_items} items over {grid} blocks, at most 4 divisions a block")
+        results.append(_run_case(name, case))
+    return results
+
+
 def _check_meanpool(fn, ctx, shapes=((4, 8, 16), (12, 32, 384), (1, 5, 7))):
     results = []
     for (H, d, hidden) in shapes:
@@ -443,6 +512,10 @@ EXERCISES: list[Exercise] = [
              hint="tile u sits in stage u % nstage and is that stage's (u // nstage)-th fill: consumers wait "
                   "for the parity of that count on the full barrier; the producer waits, from u = nstage on, "
                   "for the release of tile u - nstage, the previous fill's count, on the empty barrier"),
+    Exercise("ex-07-walk", "07_tensor_cores", "Walk the items without dividing",
+             name="item_walk", check=FunctionCheck(check_item_walk),
+             hint="divide w0 and the grid stride dw by B once each, before the loop; per item add the stride's "
+                  "remainder to b and its quotient to w // B, and carry once when b reaches B"),
     Exercise("ex-08-splitkv", "08_decode", "Split-KV in two kernels: partials, then combine",
              name="mqa_splitkv", check=AttentionCheck(causal=(False, True)), hint=_CAUSAL_HINT
              + "; a split that sees no key has m = -inf and l = 0 and must add nothing when combined"),
