@@ -148,10 +148,12 @@ class Timer:
             self._cycles_per_ms = n / s.elapsed_time(e)
         return int(self._cycles_per_ms * max(0.2, 2e3 * wall_s))
 
-    def side_by_side(self, fns: dict, reps=None, lead=False, warmup=None) -> dict:
+    def side_by_side(self, fns: dict, reps=None, lead=False, warmup=None, before=None) -> dict:
         """{name: [ms of each repetition]}: every repetition times every fn, each after its own
         flush, in an order that rotates from one repetition to the next; time[i] of two fns are
-        a pair taken moments apart (clock and thermal drift cancel in their ratio)."""
+        a pair taken moments apart (clock and thermal drift cancel in their ratio).
+        before: {name: fn} run after that name's flush, outside the events (a dev script's
+        conditions, e.g. the same call on other tensors to warm the code)."""
         names = list(fns)
         one = self._probe([fns[n] for n in names], warmup)
         n = reps or max(3, min(self.reps, int(self.budget_s / max(one, 1e-6))))
@@ -164,6 +166,8 @@ class Timer:
                 self.flush.zero_()
                 if self.clean_flush:
                     self.flush.amax()
+                if before and m in before:
+                    before[m]()
                 if cycles:
                     torch.cuda._sleep(cycles)
                 ev[m][i][0].record()

@@ -76,33 +76,17 @@ def fns_for(kerns, q, k, v, lens):
     return out
 
 
-def time_conditions(fns, twins, touch, flush, reps):
-    """{cond: {name: [ms]}}: every repetition times every (cond, name), rotating the order."""
+def time_conditions(timer, fns, twins, touch, reps):
+    """{cond: {name: [ms]}}: bench.Timer.side_by_side over every (cond, name), the condition's
+    step run after the flush, outside the events."""
     conds = ("flush", "code", "tlb")
-    pairs = [(c, n) for c in conds for n in fns]
-    ev = {p: [] for p in pairs}
-    for fn in list(fns.values()) + list(twins.values()):
-        fn()
-    torch.cuda.synchronize()
-    for i in range(reps):
-        for j in range(len(pairs)):
-            c, n = pairs[(i + j) % len(pairs)]
-            flush.zero_()
-            if c == "code":
-                twins[n]()
-            elif c == "tlb":
-                touch()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fns[n]()
-            e.record()
-            ev[(c, n)].append((s, e))
-        if i % 10 == 9:
-            torch.cuda.synchronize()
-    torch.cuda.synchronize()
+    pairs = {f"{c}/{n}": fn for c in conds for n, fn in fns.items()}
+    before = {f"code/{n}": fn for n, fn in twins.items()} | {f"tlb/{n}": touch for n in fns}
+    t = timer.side_by_side(pairs, reps=reps, before=before)
     out = {c: {} for c in conds}
-    for (c, n), lst in ev.items():
-        out[c][n] = [s.elapsed_time(e) for s, e in lst]
+    for key, ms in t.items():
+        c, n = key.split("/", 1)
+        out[c][n] = ms
     return out
 
 
@@ -148,14 +132,15 @@ def main():
             kerns[f"10_decode_{t}"] = f.result()
     stamp("built " + ", ".join(kerns))
     check_bitwise(kerns)
-    flush = bench.Timer().flush
+    timer = bench.Timer()
     rows = []
     for B, S in POINTS:
         q, k, v, lens = inputs(B, S, B * S)
         q2, k2, v2, lens2 = inputs(B, S, B * S + 1, far=True)
         fns, twins = fns_for(kerns, q, k, v, lens), fns_for(kerns, q2, k2, v2, lens2)
         kf, vf = k.view(-1)[::2048], v.view(-1)[::2048]  # one element per 4 KB
-        t = time_conditions(fns, twins, lambda: (kf.sum(), vf.sum()), flush, args.reps if B * S <= 4 * 32768 else max(10, args.reps // 3))
+        reps = args.reps if B * S <= 4 * 32768 else max(10, args.reps // 3)
+        t = time_conditions(timer, fns, twins, lambda: (kf.sum(), vf.sum()), reps)
         for c, per in t.items():
             row = dict(B=B, S=S, cond=c, us={n: round(statistics.median(x) * 1e3, 2) for n, x in per.items()})
             ours = per["10_decode"]
