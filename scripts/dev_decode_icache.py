@@ -18,8 +18,9 @@ kernel under three conditions, side by side (rotating order, paired repetitions)
 --variants builds -D variants of 10_decode and times them in the same repetitions, after checking
 that they give the default's bits. Writes DIR/decode_icache_dev.json.
 
-Session 13 (results/decode_icache_dev.json): warm code saves ours 0.3-1.0 us at the small points
-(SDPA 0.3-0.4 us); warm address translations save nothing. Two remedies were timed as variants
+Session 13 (results/decode_icache_dev.json): warm code saves ours 0.6-1.3 us at the small points
+and SDPA about as much (the ratio to SDPA narrows only at B16 S1k); warm address translations save
+nothing. Two remedies were timed as variants
 (FASTMQA_DECODE_DRY, removed since): a dry first iteration of the tile loop (every key masked, on
 a zeroed stage, run while tile 0 is in flight) was 0-3.5 % slower; a dry pass of the combine
 kernel before its griddepcontrol.wait was 0.996-1.039x, within the repetitions' spread.
