@@ -359,7 +359,11 @@ def suite_decode(timer, quick=False):
     """bf16 decode, H=32, D=128: bandwidth = bytes of K and V read / time. Every row also carries
     the point's floors, timed the same way: copy_ms (copying K and V: two copy kernels), copy1_ms
     (one copy kernel of K: as many DRAM bytes read + written as the decode reads) and launch_ms
-    (a near-empty kernel)."""
+    (a near-empty kernel). At a point, our kernels, PyTorch's paths and the copies are timed side
+    by side (`Timer.side_by_side`: paired repetitions, rotating order), and our rows carry
+    `x_sdpa` = [median, q1, q3] of the per-repetition ratio of the best SDPA path's time (`vs`,
+    the path of lowest median) to ours: above 1, ours is faster. The split-count sweep rows are
+    timed alone after that."""
     rows, skipped = [], []
     H, D, dtype = 32, 128, torch.bfloat16
     grid = [(1, 4096), (16, 4096), (64, 16384)] if quick else DECODE_GRID
@@ -380,39 +384,52 @@ def suite_decode(timer, quick=False):
         v = torch.randn(B, 1, S, D, device="cuda", dtype=dtype, generator=gen)
         lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
         kd, vd = torch.empty_like(k), torch.empty_like(v)
-        copy_ms = timer(lambda: (kd.copy_(k), vd.copy_(v)))
-        # one copy kernel of K alone: reads and writes as many DRAM bytes as a decode reads (K and V)
-        copy1_ms = timer(lambda: kd.copy_(k))
-        extra = dict(copy_ms=round(copy_ms, 5), copy1_ms=round(copy1_ms, 5), launch_ms=round(launch_ms, 5),
-                     kv_bytes=kv_bytes)
+        # one copy kernel of K alone (copy1): reads and writes as many DRAM bytes as a decode reads
+        fns = {"copy": lambda: (kd.copy_(k), vd.copy_(v)), "copy1": lambda: kd.copy_(k)}
+        ours, keep = [], []
         for kern in registry.in_suite("decode"):
             if kern.supports(dtype, D, False, 1) is not None:
                 continue
-            ms = timer(kern.prepare(q, k, v, cache_seqlens=lens)[0])
-            rows.append(_row(kern.name, "decode", dtype, B, H, 1, S, D, False, ms,
-                             gbps=round(kv_bytes / ms / 1e6, 1), **extra))
+            fns[kern.name] = kern.prepare(q, k, v, cache_seqlens=lens)[0]
+            ours.append((kern.name, {}))
             if kern.paged:  # the same cache in shuffled pages of PAGE_SIZE keys (fastmqa.paged)
                 from .paged import from_dense
                 n = B * -(-S // PAGE_SIZE)
                 pages = torch.randperm(n, generator=torch.Generator().manual_seed(B * S)).tolist()
                 kp, vp, table = from_dense(k, v, lens.cpu(), PAGE_SIZE, pages=pages)
-                ms = timer(kern.prepare_paged(q, kp, vp, table.to(q.device), lens)[0])
-                rows.append(_row(kern.name + ".paged", "decode", dtype, B, H, 1, S, D, False, ms,
-                                 gbps=round(kv_bytes / ms / 1e6, 1), page_size=PAGE_SIZE, **extra))
-                del kp, vp
-            if kern.workspace is not None and (B, S) in ((1, 4096), (1, 32768), (16, 4096)):
-                for ns in (1, 2, 4, 8, 16, 32, 64, 128):  # the split-count sweep
-                    ms = timer(kern.prepare(q, k, v, cache_seqlens=lens, num_splits=ns)[0])
-                    rows.append(_row(kern.name, "decode", dtype, B, H, 1, S, D, False, ms,
-                                     gbps=round(kv_bytes / ms / 1e6, 1), num_splits=ns, sweep=True, **extra))
+                keep += [kp, vp]
+                fns[kern.name + ".paged"] = kern.prepare_paged(q, kp, vp, table.to(q.device), lens)[0]
+                ours.append((kern.name + ".paged", dict(page_size=PAGE_SIZE)))
+        theirs = []
         for impl, fn in torch_paths(small=False).items():
             why = _first_working(fn, q, k, v, False)
             if why:
                 skipped.append(dict(impl=impl, B=B, S=S, why=why))
                 continue
-            ms = timer(lambda: fn(q, k, v, False))
-            rows.append(_row(impl, "decode", dtype, B, H, 1, S, D, False, ms,
-                             gbps=round(kv_bytes / ms / 1e6, 1), **extra))
+            fns[impl] = lambda fn=fn: fn(q, k, v, False)
+            theirs.append(impl)
+        # small points: more repetitions (their spread is a few % of a ~10 us call)
+        t = timer.side_by_side(fns, reps=max(timer.reps, 60) if kv_bytes < 64 * 2**20 else None)
+        med = {n: statistics.median(x) for n, x in t.items()}
+        extra = dict(copy_ms=round(med["copy"], 5), copy1_ms=round(med["copy1"], 5), launch_ms=round(launch_ms, 5),
+                     kv_bytes=kv_bytes)
+        best = min(theirs, key=med.get) if theirs else None
+        for name, more in ours:
+            if best:
+                more = more | dict(x_sdpa=[round(x, 4) for x in paired_ratio(t[best], t[name]).values()], vs=best)
+            rows.append(_row(name, "decode", dtype, B, H, 1, S, D, False, med[name],
+                             gbps=round(kv_bytes / med[name] / 1e6, 1), **more, **extra))
+        for impl in theirs:
+            rows.append(_row(impl, "decode", dtype, B, H, 1, S, D, False, med[impl],
+                             gbps=round(kv_bytes / med[impl] / 1e6, 1), **extra))
+        del fns, keep
+        for kern in registry.in_suite("decode"):
+            if (kern.supports(dtype, D, False, 1) is None and kern.workspace is not None
+                    and (B, S) in ((1, 4096), (1, 32768), (16, 4096))):
+                for ns in (1, 2, 4, 8, 16, 32, 64, 128):  # the split-count sweep
+                    ms = timer(kern.prepare(q, k, v, cache_seqlens=lens, num_splits=ns)[0])
+                    rows.append(_row(kern.name, "decode", dtype, B, H, 1, S, D, False, ms,
+                                     gbps=round(kv_bytes / ms / 1e6, 1), num_splits=ns, sweep=True, **extra))
         del q, k, v, kd, vd
         bar.update()
     bar.close()

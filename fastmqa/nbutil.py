@@ -7,8 +7,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _line_range(lines, start, end):
+    """0-based [lo, hi) of lines from start to end: numbers are 1-based and inclusive; a string
+    start is the first line that contains it, a string end the first line after start that
+    contains it (not shown). A marker that is not found raises ValueError."""
+    if not isinstance(start, str):
+        lo = (start or 1) - 1
+    else:
+        lo = next((i for i, ln in enumerate(lines) if start in ln), None)
+        if lo is None:
+            raise ValueError(f"show_source: no line contains {start!r}")
+    hi = end
+    if isinstance(end, str):
+        hi = next((i for i in range(lo + 1, len(lines)) if end in lines[i]), None)
+        if hi is None:
+            raise ValueError(f"show_source: no line after {start!r} contains {end!r}")
+    return lo, hi
+
+
 def show_source(obj, start=None, end=None):
-    """Show the source of a function, a module, or a file in kernels/ (by name), highlighted."""
+    """Show the source of a function, a module, or a file in kernels/ (by name), highlighted.
+    start, end: line numbers (1-based, inclusive) or marker strings (from the line containing
+    start up to, not including, the line containing end): markers survive edits above them."""
     if isinstance(obj, str):
         path = ROOT / "kernels" / obj if not obj.startswith("/") else Path(obj)
         text, lang = path.read_text(), "cuda" if path.suffix in (".cu", ".cuh") else "python"
@@ -16,7 +36,8 @@ def show_source(obj, start=None, end=None):
         target = getattr(obj, "py_func", obj)  # numba dispatchers keep the Python function
         text, lang = inspect.getsource(target), "python"
     lines = text.splitlines()
-    text = "\n".join(lines[(start or 1) - 1:end])
+    lo, hi = _line_range(lines, start, end)
+    text = "\n".join(lines[lo:hi])
     try:
         from IPython.display import Code, display
         display(Code(text, language=lang))

@@ -12,13 +12,18 @@
 
 #include "mbarrier.cuh"  // mbarrier wrappers (bulk copies)
 
+#ifndef FASTMQA_DECODE_KV_EVICT
+#define FASTMQA_DECODE_KV_EVICT -1  // K/V tiles' L2 policy: -1 by size (kv_policy_normal); 0 evict_first, 1 evict_normal (dev variants)
+#endif
+
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 // 16-byte async copy; valid = false writes zeros (keys past the chunk: the cache there may hold NaN).
-// K/V are read exactly once: evict_first keeps them from pushing Q and the partials out of L2.
+// K/V are read exactly once: evict_first keeps them from pushing Q and the partials out of L2
+// (evict_normal for caches many times L2's size: kv_policy_normal).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid, uint64_t policy) {
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n"
                ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0), "l"(policy) : "memory");
@@ -77,6 +82,7 @@ struct Args {
   const int* block_table;      // paged cache (MQAParams): (B, max_pages) pages; k, v are page pools
   int max_pages, page_size;
   int* counters;               // fused combine: (B, RB) arrival counters, zero between launches; else null
+  int kv_normal;               // K/V tiles with L2::evict_normal instead of evict_first (see kv_policy_normal)
 };
 
 // A CTA's keys [k0, k1) of sequence b, streamed through a STAGES-deep pipeline. The chunk is the
@@ -103,7 +109,7 @@ struct KVChunk {
   T* Ks;
   const T *kg, *vg;
   int kv_same;  // k and v are one tensor: one tile a stage
-  uint64_t evict_first;
+  uint64_t evict_first;  // the K/V tiles' L2 policy: evict_first, or evict_normal where Args::kv_normal
   uint32_t bars;  // BULK: shared-memory address of the first of STAGES mbarriers
   const int* bt;  // PAGED: sequence b's row of the block table
   int P;          // PAGED: tokens a page
@@ -141,7 +147,10 @@ struct KVChunk {
       kg = static_cast<const T*>(a.k) + size_t(b) * a.Skv * C::D;
       vg = static_cast<const T*>(a.v) + size_t(b) * a.Skv * C::D;
     }
-    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(evict_first));
+    if (a.kv_normal)
+      asm("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(evict_first));
+    else
+      asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(evict_first));
   }
   // PAGED: the first K and V rows of tile t, whose first key is j0 (its page holds the whole tile).
   __device__ __forceinline__ void tile_src(int j0, const T*& kt, const T*& vt) const {
@@ -284,17 +293,35 @@ int choose_splits(int base, int tiles, int slots, int max_splits) {
 // them above, or from 16 row blocks on, was within 1 % of the best split count at every shape as
 // fitted; measured again with the rule in place, within 2.5 % at all 22 shapes and 1 % at 18 (the
 // plain rule lost up to 18 % at B <= 4). The sizes are taken relative to L2 (50 MB there).
-inline int split_slots(int slots, int base, size_t kv_bytes) {
+inline int l2_bytes() {  // the device's L2 size (0 if unknown), asked once
   static int l2 = -1;
   if (l2 < 0) {
     int dev = 0, v = 0;
     l2 = cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetAttribute(&v, cudaDevAttrL2CacheSize, dev) == cudaSuccess
              ? v : 0;
   }
+  return l2;
+}
+inline int split_slots(int slots, int base, size_t kv_bytes) {
+  const int l2 = l2_bytes();
   if (base >= 16 || l2 <= 0) return slots;
   if (kv_bytes < size_t(l2) / 2) return max(1, slots / 2);
   if (kv_bytes < size_t(l2) * 5 / 4) return max(1, slots * 3 / 4);
   return slots;
+}
+
+// The K/V tiles' L2 policy (10_decode's rule, SIZE_TIERS below): evict_first, so that a stream read
+// once leaves Q and the partials in L2, except for caches of at least 4x L2 (200 MB on the H100),
+// which are read with evict_normal. Measured on the H100 with the benchmark's write flush (~50 MB of
+// dirty lines left in L2; scripts/dev_decode_fill.py, results/decode_policy_dev.json): evict_normal
+// is 3-5 % faster at 512 MB and 1 GB of K and V, level at 256 MB, and 6-12 % slower at 32-128 MB;
+// after a clean flush the two are within 3 % at every point of the decode grid. Under ncu
+// (results/decode_policy_ncu_dev.json) evict_first leaves more of the dirty lines in L2 (64 MB:
+// 7 MB written back during the kernel against 22), which is its gain on small caches.
+inline bool kv_policy_normal(size_t kv_bytes) {
+  if (FASTMQA_DECODE_KV_EVICT >= 0) return FASTMQA_DECODE_KV_EVICT == 1;
+  const int l2 = l2_bytes();
+  return l2 > 0 && kv_bytes >= size_t(4) * l2;
 }
 
 // Arrival counters for the fused combine (the last CTA of a row block to finish combines its
@@ -373,6 +400,7 @@ int launch_split_kv(const MQAParams& p, void (*decode)(Args),
          p.B, M, p.Sq, p.Skv, p.causal, splits, RB, kv_same, p.scale * kLog2e,
          PAGED ? p.block_table : nullptr, p.max_pages, p.page_size};
   a.counters = nullptr;
+  a.kv_normal = SIZE_TIERS && kv_policy_normal(kv_bytes);
   if (splits > 1) {
     a.ws_lse = a.ws_o + size_t(splits) * p.B * M * C::D;
     if (splits <= FUSE_MAX) a.counters = split_counters(p.stream, p.B * RB);

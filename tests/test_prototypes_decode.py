@@ -126,6 +126,45 @@ def test_targets_table_checks_each_target_against_its_point():
     assert t[16, 32768]["missed"] == "of_copy,sdpa"
 
 
+def test_bandwidth_table_prefers_the_paired_ratio_to_the_best_sdpa_path():
+    """A row's paired x_sdpa ([median, q1, q3] against `vs`) is the table's x_sdpa when `vs` is the
+    path of lowest median; without it (or against another path) the ratio of the medians."""
+    extra = dict(kind="decode", B=1, Skv=1024, kv_bytes=2**20, copy_ms=0.01, copy1_ms=0.005, launch_ms=0.004)
+    sdpa = [dict(impl="torch.sdpa_gqa", ms=0.011, gbps=95.0, **extra),
+            dict(impl="torch.sdpa_flash", ms=0.014, gbps=75.0, **extra)]
+
+    def table(**ours):
+        row = dict(impl="10_decode", ms=0.010, gbps=105.0, **extra, **ours)
+        return decode.bandwidth_table({"ceilings": {"copy_gbps": 3000.0}, "rows": [row] + sdpa})[0]
+    t = table(x_sdpa=[0.98, 0.95, 1.02], vs="torch.sdpa_gqa")
+    assert t["sdpa"] == "torch.sdpa_gqa" and t["x_sdpa"] == 0.98
+    assert (t["x_sdpa_q1"], t["x_sdpa_q3"]) == (0.95, 1.02)
+    assert decode.targets_table({"ceilings": {"copy_gbps": 3000.0},
+                                 "rows": [dict(impl="10_decode", ms=0.010, gbps=105.0, x_sdpa=[0.98, 0.95, 1.02],
+                                               vs="torch.sdpa_gqa", **extra)] + sdpa})[0]["missed"] == "sdpa,2x_sdpa"
+    for ours in ({}, dict(x_sdpa=[0.5, 0.4, 0.6], vs="torch.sdpa_flash")):
+        t = table(**ours)
+        assert t["x_sdpa"] == pytest.approx(1.1) and t["x_sdpa_q1"] is None
+
+
+def test_kv_policy_and_policy_table():
+    """evict_normal from 4x L2 of K and V up (the launcher's rule); the table pairs the two
+    variants' rows of a point and flush and divides their paired medians."""
+    MB = 2**20
+    assert decode.kv_policy(199 * MB) == "evict_first" and decode.kv_policy(200 * MB) == "evict_normal"
+    assert decode.kv_policy(10**12, l2_bytes=0) == "evict_first"
+
+    def row(flush, B, S, impl, us, vs):
+        return dict(flush=flush, B=B, S=S, impl=impl, us=us, GBps=1.0, vs_ours=dict(median=vs, q1=vs, q3=vs))
+    data = {"rows": [row("clean", 64, 32768, "10_decode_first", 360.0, 1.0), row("clean", 64, 32768, "10_decode_normal", 350.0, 0.97),
+                     row("write", 4, 32768, "10_decode_first", 39.0, 1.0), row("write", 4, 32768, "10_decode_normal", 43.0, 1.1),
+                     row("write", 4, 32768, "sdpa_gqa", 44.0, 1.13), row("write", 1, 1024, "10_decode", 12.0, 1.0)]}
+    t = decode.policy_table(data)
+    assert [(r["flush"], r["B"]) for r in t] == [("write", 4), ("clean", 64)]
+    assert t[0]["normal_vs_first"] == pytest.approx(1.1) and t[0]["picks"] == "evict_first" and t[0]["kv_MB"] == 64
+    assert t[1]["normal_vs_first"] == pytest.approx(0.97) and t[1]["picks"] == "evict_normal"
+
+
 def test_decode_splits_takes_one_split_for_short_caches_at_large_batch():
     kv = lambda B, S: B * S * 128 * 2 * 2
     assert decode.decode_splits(64, 16, 132, kv(64, 1024)) == 1     # B=64, S=1k: no partials to merge

@@ -116,3 +116,29 @@ def test_timer_side_by_side_pairs_every_fn_in_every_repetition():
     assert 0 < timer(copy, lead=True, reps=3) < 1e3
     pr = bench.paired_ratio(t["copy"], t["add"])
     assert pr["q1"] <= pr["median"] <= pr["q3"]
+
+
+def test_show_source_takes_line_numbers_or_markers(capsys, monkeypatch):
+    """show_source's range: 1-based inclusive numbers, or marker strings (start line included,
+    end line not); a marker that is not there is an error, not an empty listing."""
+    import builtins
+
+    from fastmqa import nbutil
+    lines = ["a", "// start here", "b", "c", "// next section", "d"]
+    assert nbutil._line_range(lines, 2, 4) == (1, 4)
+    assert nbutil._line_range(lines, "// start here", "// next section") == (1, 4)
+    assert nbutil._line_range(lines, None, None) == (0, None)
+    with pytest.raises(ValueError, match="no line contains"):
+        nbutil._line_range(lines, "// gone", None)
+    with pytest.raises(ValueError, match="no line after"):
+        nbutil._line_range(lines, "// start here", "// gone")
+    real_import = builtins.__import__
+
+    def no_ipython(name, *args, **kwargs):  # the plain-text path
+        if name.startswith("IPython"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_ipython)
+    nbutil.show_source("decode_common.cuh", "// Split count: enough", "// Arrival counters")
+    out = capsys.readouterr().out
+    assert out.startswith("// Split count: enough") and "kv_policy_normal" in out and "Arrival counters" not in out

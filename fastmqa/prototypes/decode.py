@@ -316,6 +316,32 @@ def decode_splits(base, tiles, slots, kv_bytes, l2_bytes=50 * 2**20):
     return 1 if s > 1 and tiles <= 16 and 5 * base >= 2 * slots else s
 
 
+def kv_policy(kv_bytes, l2_bytes=50 * 2**20):
+    """10_decode's L2 policy for the K/V tiles (kv_policy_normal in decode_common.cuh): evict_first,
+    except for caches of at least 4x L2, read with evict_normal."""
+    return "evict_normal" if l2_bytes > 0 and kv_bytes >= 4 * l2_bytes else "evict_first"
+
+
+def policy_table(data, D=128, elem_bytes=2):
+    """Per (flush, B, S) of a scripts/dev_decode_fill.py run with variants `first` and `normal`
+    (FASTMQA_DECODE_KV_EVICT=0 / 1): both times (us), normal's over first's (each a paired
+    median against the default build timed in the same repetitions), and the policy 10_decode
+    picks at that size."""
+    out = []
+    by = {}
+    for r in data["rows"]:
+        by.setdefault((r["flush"], r["B"], r["S"]), {})[r["impl"]] = r
+    for (flush, B, S), here in sorted(by.items(), key=lambda kv: (kv[0][0] != "write", kv[0][1], kv[0][2])):
+        first, normal = here.get("10_decode_first"), here.get("10_decode_normal")
+        if not (first and normal):
+            continue
+        kv = 2 * B * S * D * elem_bytes
+        out.append(dict(flush=flush, B=B, S=S, kv_MB=kv / 2**20, first_us=first["us"], normal_us=normal["us"],
+                        normal_vs_first=normal["vs_ours"]["median"] / first["vs_ours"]["median"],
+                        picks=kv_policy(kv)))
+    return out
+
+
 def intensity(num_heads, kv_heads, Sq=1, elem_bytes=2):
     """Flops per byte of K/V read when decoding: 4·H·Sq·S·D flops over 2·G·S·D·elem_bytes bytes."""
     return 4 * num_heads * Sq / (2 * kv_heads * elem_bytes)
@@ -323,7 +349,10 @@ def intensity(num_heads, kv_heads, Sq=1, elem_bytes=2):
 
 def bandwidth_table(data, impl="10_decode"):
     """Per (B, S) of a results/decode.json: our GB/s, the best SDPA path's, the copy's time, and
-    the point's floors where the run measured them (copy1_us, launch_us)."""
+    the point's floors where the run measured them (copy1_us, launch_us). x_sdpa is the best SDPA
+    path's time over ours: the median of the paired per-repetition ratios where the run recorded
+    them (rows with `x_sdpa` = [median, q1, q3] against `vs`; x_sdpa_q1/_q3 then give the
+    quartiles), else the ratio of the two medians."""
     rows = [r for r in data["rows"] if r["kind"] == "decode" and not r.get("sweep")]
     out = []
     for B, S in sorted({(r["B"], r["Skv"]) for r in rows}):
@@ -332,11 +361,13 @@ def bandwidth_table(data, impl="10_decode"):
         sdpa = min((r for r in here if r["impl"].startswith("torch.")), key=lambda r: r["ms"], default=None)
         if ours is None:
             continue
+        paired = ours.get("x_sdpa") if sdpa and ours.get("vs") == sdpa["impl"] else None
         out.append(dict(B=B, S=S, kv_MB=ours["kv_bytes"] / 2**20 if "kv_bytes" in ours else None,
                         us=ours["ms"] * 1e3, GBps=ours["gbps"], of_copy=ours["gbps"] / data["ceilings"]["copy_gbps"],
                         t_vs_copy=ours["ms"] / ours["copy_ms"] if "copy_ms" in ours else None,
                         sdpa=sdpa["impl"] if sdpa else None, sdpa_GBps=sdpa["gbps"] if sdpa else None,
-                        x_sdpa=sdpa["ms"] / ours["ms"] if sdpa else None,
+                        x_sdpa=paired[0] if paired else sdpa["ms"] / ours["ms"] if sdpa else None,
+                        x_sdpa_q1=paired[1] if paired else None, x_sdpa_q3=paired[2] if paired else None,
                         copy1_us=ours["copy1_ms"] * 1e3 if "copy1_ms" in ours else None,
                         launch_us=ours["launch_ms"] * 1e3 if "launch_ms" in ours else None))
     return out
