@@ -27,7 +27,10 @@ evict_normal is 3-5 % faster than evict_first at 512 MB and 1 GB of K and V, lev
 6-12 % slower at 32-128 MB; under the clean flush the two are within 3 % everywhere. 10_decode
 now picks evict_normal from 4x L2 (200 MB) up (kv_policy_normal in decode_common.cuh). At the
 points under 64 MiB `first` is the default build under another name: their paired ratio (up to
-3.5 % apart) is this comparison's resolution there.
+3.5 % apart) is this comparison's resolution there. Two more variants were timed this way and
+removed from the kernel (DEVNOTES, session 14): an L2 prefetch of the tiles past the pipeline
+(results/decode_l2pf_dev.json: slower) and interleaved splits (results/decode_interleave_dev.json:
+within +-4 %, mixed).
 """
 from __future__ import annotations
 
@@ -81,6 +84,30 @@ def point_fns(kerns, B, S, forced, fill):
     return fns, nbytes, keep
 
 
+def check_variants(kerns):
+    """Each variant against the float64 reference on ragged caches (lengths 0, 1, not a multiple of
+    the tile), causal and not, every split path: its worst error must stay within 2x the default
+    build's + 1e-3 (a variant may sum in another order; it may not be wrong)."""
+    from fastmqa.reference import reference_fp64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    worst = {n: 0.0 for n in kerns}
+    for B, Hh, Sq, S, lens, d in [(3, 32, 1, 300, [0, 1, 300], 128), (4, 8, 3, 1000, [1000, 999, 517, 64], 128),
+                                  (2, 32, 1, 5000, [5000, 77], 64), (2, 16, 2, 700, [700, 5], 192)]:
+        q = torch.randn(B, Hh, Sq, d, device="cuda", dtype=DT, generator=g)
+        k, v = (torch.randn(B, 1, S, d, device="cuda", dtype=DT, generator=g) for _ in range(2))
+        sl = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        for causal in (False, True):
+            ref = reference_fp64(q, k, v, causal=causal, seqlens=sl)
+            for ns in (0, 1, 2, 5, 16, 64):
+                for name, kern in kerns.items():
+                    o = kern(q, k, v, causal=causal, cache_seqlens=sl, num_splits=ns)
+                    fin = torch.isfinite(ref)  # (a length-0 row: the kernels give zeros)
+                    worst[name] = max(worst[name], float((o.double().cpu() - ref)[fin].abs().max()))
+    ok = all(w <= 2 * worst["10_decode"] + 1e-3 for w in worst.values())
+    stamp(f"variants against fp64 (worst abs error): {worst} -> {'OK' if ok else 'FAILED'}")
+    return ok
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -99,6 +126,8 @@ def main():
         fb.result()
         kerns = {"10_decode": base} | {f"10_decode_{t}": f.result() for t, f in fv.items()}
     stamp("built " + ", ".join(kerns))
+    if len(kerns) > 1 and not check_variants(kerns):
+        raise SystemExit("a variant is wrong: not timed")
     points = [tuple(int(x) for x in p.split(":")) for p in args.points.split(",")]
     rows = []
     for clean in (False, True):
