@@ -25,10 +25,9 @@ def _line_range(lines, start, end):
     return lo, hi
 
 
-def show_source(obj, start=None, end=None):
-    """Show the source of a function, a module, or a file in kernels/ (by name), highlighted.
-    start, end: line numbers (1-based, inclusive) or marker strings (from the line containing
-    start up to, not including, the line containing end): markers survive edits above them."""
+def source_text(obj, start=None, end=None):
+    """(text, language) that show_source displays: the source of a function, a module, or a file
+    in kernels/ (by name), cut to [start, end] (see show_source)."""
     if isinstance(obj, str):
         path = ROOT / "kernels" / obj if not obj.startswith("/") else Path(obj)
         text, lang = path.read_text(), "cuda" if path.suffix in (".cu", ".cuh") else "python"
@@ -37,7 +36,15 @@ def show_source(obj, start=None, end=None):
         text, lang = inspect.getsource(target), "python"
     lines = text.splitlines()
     lo, hi = _line_range(lines, start, end)
-    text = "\n".join(lines[lo:hi])
+    return "\n".join(lines[lo:hi]).rstrip("\n"), lang  # (no trailing blank lines before an end marker)
+
+
+def show_source(obj, start=None, end=None):
+    """Show the source of a function, a module, or a file in kernels/ (by name), highlighted.
+    start, end: line numbers (1-based, inclusive) or marker strings (from the line containing
+    start up to, not including, the line containing end): markers survive edits above them.
+    tests/test_listings.py checks that the listings saved in the chapters match the files."""
+    text, lang = source_text(obj, start, end)
     try:
         from IPython.display import Code, display
         display(Code(text, language=lang))
