@@ -109,7 +109,7 @@ struct KVChunk {
   T* Ks;
   const T *kg, *vg;
   int kv_same;  // k and v are one tensor: one tile a stage
-  uint64_t evict_first;  // the K/V tiles' L2 policy: evict_first, or evict_normal where Args::kv_normal
+  uint64_t kv_policy;  // the K/V tiles' L2 policy: evict_first, or evict_normal where Args::kv_normal
   uint32_t bars;  // BULK: shared-memory address of the first of STAGES mbarriers
   const int* bt;  // PAGED: sequence b's row of the block table
   int P;          // PAGED: tokens a page
@@ -148,9 +148,9 @@ struct KVChunk {
       vg = static_cast<const T*>(a.v) + size_t(b) * a.Skv * C::D;
     }
     if (a.kv_normal)
-      asm("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(evict_first));
+      asm("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(kv_policy));
     else
-      asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(evict_first));
+      asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(kv_policy));
   }
   // PAGED: the first K and V rows of tile t, whose first key is j0 (its page holds the whole tile).
   __device__ __forceinline__ void tile_src(int j0, const T*& kt, const T*& vt) const {
@@ -175,8 +175,8 @@ struct KVChunk {
         if (tid < N / C::BR && n > 0) {
           const T *kt = kg + size_t(j0) * D, *vt = vg + size_t(j0) * D;
           if constexpr (PAGED) tile_src(j0, kt, vt);
-          bulk_g2s(ks + C::row(r), kt + size_t(r) * D, n * D * sizeof(T), bar, evict_first);
-          if (!kv_same) bulk_g2s(vs + C::row(r), vt + size_t(r) * D, n * D * sizeof(T), bar, evict_first);
+          bulk_g2s(ks + C::row(r), kt + size_t(r) * D, n * D * sizeof(T), bar, kv_policy);
+          if (!kv_same) bulk_g2s(vs + C::row(r), vt + size_t(r) * D, n * D * sizeof(T), bar, kv_policy);
         }
       }
       for (int c = tid; c < (N - nv) * C::CH; c += C::THREADS) {  // rows past the chunk: zeros
@@ -192,8 +192,8 @@ struct KVChunk {
         const int c = tid + it * C::THREADS, r = c / C::CH, ch = c % C::CH;
         const bool ok = j0 + r < k1;
         const size_t off = ok ? size_t(r) * D + ch * 8 : 0;  // rows past the chunk: zero-filled
-        cp_async16(ks + C::at(r, ch), kt + off, ok, evict_first);
-        if (!kv_same) cp_async16(vs + C::at(r, ch), vt + off, ok, evict_first);
+        cp_async16(ks + C::at(r, ch), kt + off, ok, kv_policy);
+        if (!kv_same) cp_async16(vs + C::at(r, ch), vt + off, ok, kv_policy);
       }
     } else {
 #pragma unroll
@@ -201,8 +201,8 @@ struct KVChunk {
         const int c = tid + it * C::THREADS, r = c / C::CH, ch = c % C::CH;
         const bool ok = j0 + r < k1;
         const size_t off = ok ? size_t(j0 + r) * D + ch * 8 : 0;
-        cp_async16(ks + C::at(r, ch), kg + off, ok, evict_first);
-        if (!kv_same) cp_async16(vs + C::at(r, ch), vg + off, ok, evict_first);
+        cp_async16(ks + C::at(r, ch), kg + off, ok, kv_policy);
+        if (!kv_same) cp_async16(vs + C::at(r, ch), vg + off, ok, kv_policy);
       }
     }
   }
