@@ -85,3 +85,33 @@ def profile_table(fn, n, sort_by, rows=14):
             fn()
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by=sort_by, row_limit=rows)
+
+
+def parse_variants(spec):
+    """'TAG:MACRO=V[;MACRO=V],...' (a dev script's --variants) -> {tag: [MACRO=V, ...]}."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        tag, defs = item.split(":", 1)
+        out[tag] = [d for d in defs.split(";") if d]
+    return out
+
+
+def build_with_variants(base, variants):
+    """{name: kernel}: the registry entry `base` and its -D variants ({tag: defines}, named
+    '<base>_<tag>'), built in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastmqa import build
+    with ThreadPoolExecutor(1 + len(variants)) as pool:
+        fb = pool.submit(base.module)
+        fv = {t: pool.submit(build.load_variant, base, t, d) for t, d in variants.items()}
+        fb.result()
+        return {base.name: base} | {f"{base.name}_{t}": f.result() for t, f in fv.items()}
+
+
+# Ragged decode caches for checking a decode kernel's variants against the default or fp64:
+# (B, H, Sq, Smax, lengths (0, 1, not a multiple of the tile), dtype, D).
+RAGGED_DECODE_CASES = [(3, 32, 1, 300, [0, 1, 300], torch.bfloat16, 128),
+                       (4, 8, 3, 1000, [1000, 999, 517, 64], torch.bfloat16, 128),
+                       (2, 32, 1, 5000, [5000, 77], torch.float16, 64),
+                       (2, 16, 2, 700, [700, 5], torch.bfloat16, 192)]

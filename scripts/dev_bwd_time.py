@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fastmqa import bench, build  # noqa: E402
 from fastmqa import kernels as registry  # noqa: E402
 
-from _devcommon import alternating_rounds, stamp, write_rows  # noqa: E402
+from _devcommon import alternating_rounds, parse_variants, stamp, write_rows  # noqa: E402
 
 
 def variant_runner(kern, tag, defines):
@@ -52,9 +52,8 @@ def main():
     k06, k08 = registry.get("06_flash_mma"), registry.get("08_flash_wgmma")
     build.build_all([k06, k08])
     preps = {"07": k06.prepare_backward, "12": k08.prepare_backward}
-    for v in filter(None, args.variants.split(",")):
-        tag, defs = v.split(":", 1)
-        preps[f"12_{tag}"] = variant_runner(k08, tag, [d for d in defs.split(";") if d])
+    for tag, defs in parse_variants(args.variants).items():
+        preps[f"12_{tag}"] = variant_runner(k08, tag, defs)
     pts = [(int(d), c == "1", int(s)) for d, c, s in (p.split(":") for p in args.points.split(","))]
     timer = bench.Timer(reps=20, warmup=2, budget_s=1.0)
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -38,7 +38,6 @@ import argparse
 import os
 import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -49,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fastmqa import bench, build  # noqa: E402
 from fastmqa import kernels as registry  # noqa: E402
 
-from _devcommon import stamp, write_rows  # noqa: E402
+from _devcommon import RAGGED_DECODE_CASES, build_with_variants, parse_variants, stamp, write_rows  # noqa: E402
 
 H, D, DT = 32, 128, torch.bfloat16
 
@@ -91,10 +90,9 @@ def check_variants(kerns):
     from fastmqa.reference import reference_fp64
     g = torch.Generator(device="cuda").manual_seed(0)
     worst = {n: 0.0 for n in kerns}
-    for B, Hh, Sq, S, lens, d in [(3, 32, 1, 300, [0, 1, 300], 128), (4, 8, 3, 1000, [1000, 999, 517, 64], 128),
-                                  (2, 32, 1, 5000, [5000, 77], 64), (2, 16, 2, 700, [700, 5], 192)]:
-        q = torch.randn(B, Hh, Sq, d, device="cuda", dtype=DT, generator=g)
-        k, v = (torch.randn(B, 1, S, d, device="cuda", dtype=DT, generator=g) for _ in range(2))
+    for B, Hh, Sq, S, lens, dt, d in RAGGED_DECODE_CASES:
+        q = torch.randn(B, Hh, Sq, d, device="cuda", dtype=dt, generator=g)
+        k, v = (torch.randn(B, 1, S, d, device="cuda", dtype=dt, generator=g) for _ in range(2))
         sl = torch.tensor(lens, dtype=torch.int32, device="cuda")
         for causal in (False, True):
             ref = reference_fp64(q, k, v, causal=causal, seqlens=sl)
@@ -119,12 +117,7 @@ def main():
     args = ap.parse_args()
     build.extensions_dir()
     base = registry.get("10_decode")
-    variants = {t: d.split(";") for t, d in (v.split(":", 1) for v in filter(None, args.variants.split(",")))}
-    with ThreadPoolExecutor(1 + len(variants)) as pool:
-        fb = pool.submit(base.module)
-        fv = {t: pool.submit(build.load_variant, base, t, d) for t, d in variants.items()}
-        fb.result()
-        kerns = {"10_decode": base} | {f"10_decode_{t}": f.result() for t, f in fv.items()}
+    kerns = build_with_variants(base, parse_variants(args.variants))
     stamp("built " + ", ".join(kerns))
     if len(kerns) > 1 and not check_variants(kerns):
         raise SystemExit("a variant is wrong: not timed")

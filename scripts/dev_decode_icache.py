@@ -32,7 +32,6 @@ import math
 import os
 import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -42,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fastmqa import bench, build  # noqa: E402
 from fastmqa import kernels as registry  # noqa: E402
 
-from _devcommon import stamp, write_rows  # noqa: E402
+from _devcommon import RAGGED_DECODE_CASES, build_with_variants, parse_variants, stamp, write_rows  # noqa: E402
 
 POINTS = [(1, 1024), (1, 4096), (4, 1024), (16, 1024), (64, 1024), (1, 32768), (4, 32768), (64, 4096), (64, 16384)]
 H, D, DT = 32, 128, torch.bfloat16
@@ -96,8 +95,7 @@ def check_bitwise(kerns):
     base = kerns["10_decode"]
     g = torch.Generator(device="cuda").manual_seed(0)
     bad = []
-    for B, Hh, Sq, S, lens, dt, d in [(3, 32, 1, 300, [0, 1, 300], DT, 128), (4, 8, 3, 1000, [1000, 999, 517, 64], DT, 128),
-                                      (2, 32, 1, 5000, [5000, 77], torch.float16, 64), (2, 16, 2, 700, [700, 5], DT, 192)]:
+    for B, Hh, Sq, S, lens, dt, d in RAGGED_DECODE_CASES:
         q = torch.randn(B, Hh, Sq, d, device="cuda", dtype=dt, generator=g)
         k, v = (torch.randn(B, 1, S, d, device="cuda", dtype=dt, generator=g) for _ in range(2))
         sl = torch.tensor(lens, dtype=torch.int32, device="cuda")
@@ -120,17 +118,7 @@ def main():
     args = ap.parse_args()
     build.extensions_dir()
     base = registry.get("10_decode")
-    variants = {}
-    for spec in filter(None, args.variants.split(",")):
-        tag, defs = spec.split(":", 1)
-        variants[tag] = defs.split(";")
-    with ThreadPoolExecutor(1 + len(variants)) as pool:
-        fb = pool.submit(base.module)
-        fv = {t: pool.submit(build.load_variant, base, t, d) for t, d in variants.items()}
-        fb.result()
-        kerns = {"10_decode": base}
-        for t, f in fv.items():
-            kerns[f"10_decode_{t}"] = f.result()
+    kerns = build_with_variants(base, parse_variants(args.variants))
     stamp("built " + ", ".join(kerns))
     check_bitwise(kerns)
     timer = bench.Timer()
